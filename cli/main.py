@@ -1,0 +1,117 @@
+"""`rewardlab`: train, eval, configs. Every Hydra command-line feature passes through to Hydra."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import typer
+
+from rewardlab.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Reward-driven LLM post-training: generate, score, filter and fine-tune in iterations.")
+
+HYDRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(code)
+
+
+def _user_error_in(exc: BaseException) -> BaseException | None:
+    """The user mistake behind an exception (instantiate wraps what components raise), if any."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """User mistakes end the command with one line on stderr and exit code 2, no traceback."""
+    try:
+        yield
+    except Exception as exc:
+        found = _user_error_in(exc)
+        if found is None:
+            raise
+        fail(str(found))
+
+
+def _hydra(config_name: str, args: list[str], task: Callable) -> None:
+    """Validate the overrides, then run `task` under Hydra with the full Hydra command line."""
+    import hydra
+
+    from rewardlab.cli.overrides import validate
+    from rewardlab.config import register_schemas
+
+    register_schemas()
+    with user_errors():
+        validate(config_name, args)
+    sys.argv = [f"rewardlab {config_name}", *args]
+    hydra.main(config_path="pkg://rewardlab.conf", config_name=config_name, version_base="1.3")(task)()
+
+
+def _train_task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from rewardlab.run import train as run_train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with user_errors():
+        run_train(cfg, run_dir)
+    typer.echo(f"run dir: {run_dir}")
+
+
+def _eval_task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from rewardlab.run import evaluate_only
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with user_errors():
+        metrics = evaluate_only(cfg, run_dir)
+    for key, value in metrics.items():
+        typer.echo(f"{key}: {value:.4f}")
+    typer.echo(f"run dir: {run_dir}")
+
+
+@app.command(context_settings=HYDRA_ARGS)
+def train(ctx: typer.Context) -> None:
+    """Train a policy: `rewardlab train [OVERRIDES...]`.
+
+    Overrides are Hydra's: pick a choice per group (`algo=rft reward=verifiable`), set keys
+    (`run.iterations=10 algo.lr=1e-4`), sweep with `-m algo=grpo,rft`, print the composed config with
+    `--cfg job`, choose directories with `hydra.run.dir=...` / `hydra.sweep.dir=...`, and a launcher with
+    `hydra/launcher=submitit_local`. `rewardlab configs` lists the choices. The last line printed is
+    `run dir: <path>`: metrics.jsonl, summary.json, config.yaml and rollouts/ are there.
+    """
+    _hydra("train", list(ctx.args), _train_task)
+
+
+@app.command("eval", context_settings=HYDRA_ARGS)
+def evaluate(ctx: typer.Context) -> None:
+    """Evaluate a policy on a data set's test split: `rewardlab eval [OVERRIDES...]`.
+
+    Greedy accuracy always; pass@k and maj@k with `run.eval_pass_k=[1,4]`. Examples:
+    `rewardlab eval` (the tiny policy on arith), `rewardlab eval policy.path=runs/.../policy run.eval_size=200`.
+    """
+    _hydra("eval", list(ctx.args), _eval_task)
+
+
+@app.command()
+def configs() -> None:
+    """List every config group with its choices and a one-line description of each."""
+    from rewardlab.cli.listing import config_table
+
+    config_table()
+
+
+if __name__ == "__main__":
+    app()

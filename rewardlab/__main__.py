@@ -1,0 +1,3 @@
+from rewardlab.cli.main import app
+
+app(prog_name="rewardlab")

@@ -1,0 +1,97 @@
+"""Structured-config schemas: defaults live here (or beside their component), so a misspelt key or a
+wrong type fails at composition, before any work.
+
+Component schemas are declared next to their implementation with `@schema(group, name)` and stored
+under `schema/<group>/<name>`; each YAML choice extends one with `defaults: [/schema/<group>/<name>@_here_]`.
+`register_schemas()` imports every rewardlab module so those declarations run: adding a component is
+one module and one YAML file, with no central list to edit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+_SKIP = ("rewardlab.cli", "rewardlab.conf", "rewardlab.__main__")
+_registered = False
+
+
+def schema(group: str, name: str) -> Callable[[type], type]:
+    """Class decorator: make `cls` a dataclass and store it as the schema `schema/<group>/<name>`."""
+
+    def decorate(cls: type) -> type:
+        cls = cls if is_dataclass(cls) else dataclass(cls)
+        ConfigStore.instance().store(group=f"schema/{group}", name=name, node=cls)
+        return cls
+
+    return decorate
+
+
+@dataclass
+class RunConfig:
+    """Run-level settings (`run.*`)."""
+
+    iterations: int = 30
+    prompts_per_iteration: int = 16
+    eval_every: int = 10
+    eval_size: int = 200
+    eval_pass_k: List[int] = field(default_factory=list)  # e.g. [1,4]: pass@k and maj@k from sampled completions
+    eval_samples: int = 0  # completions per prompt for pass@k; 0 means max(eval_pass_k)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    save_rollouts: bool = True
+    log_samples: int = 8  # rollouts shown in the W&B table each iteration
+    name: Optional[str] = None  # run name for W&B; defaults to the run directory's name
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    policy: Any = None
+    dataset: Any = None
+    reward: Any = None
+    algo: Any = None
+    generation: Any = None
+    logger: Any = None
+    filters: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalRunConfig:
+    """`rewardlab eval` settings (`run.*`)."""
+
+    eval_size: int = 500
+    eval_pass_k: List[int] = field(default_factory=list)
+    eval_samples: int = 0
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+
+@dataclass
+class EvalConfig:
+    run: EvalRunConfig = field(default_factory=EvalRunConfig)
+    policy: Any = None
+    dataset: Any = None
+    generation: Any = None
+
+
+def register_schemas() -> None:
+    """Store the top-level schemas and import every rewardlab module so `@schema` classes register."""
+    global _registered
+    if _registered:
+        return
+    store = ConfigStore.instance()
+    store.store(name="_train_schema", node=TrainConfig)
+    store.store(name="_eval_schema", node=EvalConfig)
+    import rewardlab
+
+    for module in pkgutil.walk_packages(rewardlab.__path__, prefix="rewardlab."):
+        if not module.name.startswith(_SKIP):
+            importlib.import_module(module.name)
+    _registered = True

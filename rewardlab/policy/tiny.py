@@ -1,0 +1,163 @@
+"""The embedded tiny policy: a ~1M-parameter Llama-architecture LM over a character vocabulary.
+
+Built locally (no hub), warm-started by a short supervised phase on arith so RL has something to
+improve, and cached on disk keyed by its settings. The warm start is a plain loop rather than TRL's
+SFTTrainer: it is a one-off build step where a 20-line loop is 2x faster than the trainer's setup.
+The architecture is Llama rather than Qwen2 on purpose: transformers 5 forces `Qwen2Tokenizer` on
+any Qwen2 config, ignoring `tokenizer_class`, and that class drops spaces and newlines from a
+character vocabulary; with a Llama config the saved `PreTrainedTokenizerFast` loads through Auto*.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from rewardlab.data.arith import ArithTask
+
+SPECIALS = ["<pad>", "<eos>", "<unk>"]
+CHARS = list("0123456789+-*=#?:()./ \n")
+BUILD_VERSION = 1  # bump when the build recipe changes, so old caches are not reused
+
+
+@dataclass
+class TinyBuild:
+    """What determines the tiny model's weights; its hash is the cache key."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    warmup_steps: int = 600
+    warmup_lr: float = 2e-3
+    warmup_batch_size: int = 64
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({"v": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    """Where built models live: $REWARDLAB_CACHE, else ~/.cache/rewardlab."""
+    return Path(os.environ.get("REWARDLAB_CACHE", Path.home() / ".cache" / "rewardlab"))
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer: every symbol is one token; `<eos>` ends a completion."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def build_model(spec: TinyBuild, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def warm_start(model, tokenizer, spec: TinyBuild, log=print) -> None:
+    """Supervised training on arith reference solutions (cosine schedule), loss on completion tokens only."""
+    task = ArithTask(seed=spec.seed + 1)
+    examples = task.train_examples()
+    rng = random.Random(spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.warmup_lr, weight_decay=0.0)
+    ramp = max(1, spec.warmup_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / ramp) * 0.5 * (
+        1 + math.cos(math.pi * min(s, spec.warmup_steps) / spec.warmup_steps)))
+    eos = tokenizer.eos_token_id
+    model.train()
+    start = time.time()
+    for step in range(spec.warmup_steps):
+        batch = rng.sample(examples, spec.warmup_batch_size)
+        seqs, masks = [], []
+        for ex in batch:
+            p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+            c = tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos]
+            seqs.append(p + c)
+            masks.append([0] * len(p) + [1] * len(c))
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+        loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.float)
+        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % 100 == 0:
+            log(f"tiny warm start: step {step + 1}/{spec.warmup_steps} loss {loss.item():.3f} "
+                f"({time.time() - start:.0f}s)")
+    model.eval()
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_tiny(spec: TinyBuild, log=print) -> Path:
+    """Return the cached tiny model directory, building it first if needed.
+
+    Two runs starting at once serialize on a file lock; the build goes to a temporary directory
+    renamed into place only when complete, so a killed build never leaves a usable-looking cache.
+    """
+    root = cache_root()
+    target = root / f"tiny-{spec.key()}"
+    if (target / "config.json").exists():
+        return target
+    with _lock(root / f".tiny-{spec.key()}.lock"):
+        if (target / "config.json").exists():
+            return target
+        log(f"building the tiny policy (first run only) into {target}")
+        torch.manual_seed(spec.seed)
+        tokenizer = build_tokenizer()
+        model = build_model(spec, tokenizer)
+        warm_start(model, tokenizer, spec, log=log)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            config_path = tmp / "tokenizer_config.json"
+            tok_config = json.loads(config_path.read_text())
+            tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_path.write_text(json.dumps(tok_config, indent=2))
+            (tmp / "rewardlab_build.json").write_text(json.dumps(asdict(spec), indent=2))
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

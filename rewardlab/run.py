@@ -1,0 +1,167 @@
+"""Builds the components from the config and owns the iteration loop:
+generate -> score (+ gold) -> filter -> update -> evaluate / log.
+
+Iteration 0 evaluates the starting policy; iterations 1..run.iterations each sample
+`run.prompts_per_iteration` prompts, `algo.samples_per_prompt` completions per prompt, and update once.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rewardlab.algos import AlgoContext
+from rewardlab.data.base import PromptSampler
+from rewardlab.errors import UserError
+from rewardlab.evaluation import evaluate
+from rewardlab.io import write_json_atomic, write_text_atomic
+from rewardlab.rewards.verifiable import check
+from rewardlab.rollout import Batch
+from rewardlab.tracking import MetricsFile, ProgressDisplay, console, write_summary
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_torch(run_cfg) -> None:
+    if run_cfg.threads > 0:
+        torch.set_num_threads(run_cfg.threads)
+    seed_everything(run_cfg.seed)
+
+
+def batch_metrics(batch: Batch) -> dict[str, float]:
+    """Reward per component, gold accuracy and lengths of the scored batch (before filtering)."""
+    rewards = torch.tensor(batch.reward, dtype=torch.float64)
+    lengths = torch.tensor([len(c) for c in batch.completion_ids], dtype=torch.float64)
+    out = {"reward/mean": float(rewards.nanmean()), "reward/std": float(rewards[rewards.isfinite()].std())
+           if len(batch) > 1 else 0.0,
+           "length/mean": float(lengths.mean()), "length/max": float(lengths.max()),
+           "length/truncated": sum(f == "length" for f in batch.finish_reason) / len(batch),
+           "rollouts": float(len(batch))}
+    for name, values in batch.rewards.items():
+        out[f"reward/{name}/mean"] = float(torch.tensor(values, dtype=torch.float64).nanmean())
+    if batch.gold is not None:
+        golds = [g for g in batch.gold if g is not None]
+        if golds:
+            out["gold/accuracy"] = sum(golds) / len(golds)
+    groups = list(batch.groups().values())
+    out["groups/zero_variance"] = sum(len({batch.reward[i] for i in g}) == 1 for g in groups) / len(groups)
+    return out
+
+
+def train(cfg: DictConfig, run_dir: Path) -> Path:
+    """Run the whole training loop described by `cfg`, writing everything under `run_dir`."""
+    setup_torch(cfg.run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    task = instantiate(cfg.dataset)
+    policy = instantiate(cfg.policy, device=cfg.run.device, log=console.print)
+    generator = instantiate(cfg.generation, policy=policy)
+    reward = instantiate(cfg.reward)
+    context = AlgoContext(temperature=generator.sampling.temperature,
+                          max_new_tokens=generator.sampling.max_new_tokens,
+                          total_iterations=cfg.run.iterations, seed=cfg.run.seed)
+    algo = instantiate(cfg.algo, context=context)
+    filters = [instantiate(f) for f in cfg.filters.values() if f is not None]
+    logger = instantiate(cfg.logger)
+
+    sampler = PromptSampler(task.train_examples(), seed=cfg.run.seed)
+    test_set = list(task.test_examples())[: cfg.run.eval_size]
+    if not test_set:
+        raise UserError("the data set's test split is empty; evaluation needs at least one example")
+    start = 0
+    metrics = MetricsFile(run_dir / "metrics.jsonl", resume_from=start)
+    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.run.name or run_dir.name)
+
+    def run_eval() -> dict[str, float]:
+        began = time.perf_counter()
+        out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples)
+        out["time/eval"] = time.perf_counter() - began
+        return out
+
+    try:
+        with ProgressDisplay(cfg.run.iterations, start) as progress:
+            if start == 0:
+                progress.stage(0, "eval")
+                row = {"iteration": 0, **run_eval()}
+                metrics.append(row)
+                logger.log(row, step=0)
+                progress.done(row)
+            for iteration in range(max(start, 1), cfg.run.iterations + 1):
+                began = time.perf_counter()
+                row: dict[str, Any] = {"iteration": iteration}
+
+                progress.stage(iteration, "generate")
+                prompts = sampler.sample(cfg.run.prompts_per_iteration)
+                batch = generator.generate(prompts, n=algo.samples_per_prompt)
+                batch.iteration = iteration
+                row["time/generate"] = time.perf_counter() - began
+
+                progress.stage(iteration, "score")
+                mark = time.perf_counter()
+                reward.score(batch)
+                if batch.has_references():
+                    batch.gold = check(batch.completion, batch.reference, task.answer_format)
+                row.update(batch_metrics(batch))
+                row.update(reward.metrics(batch))
+                row["time/score"] = time.perf_counter() - mark
+
+                kept = batch
+                for f in filters:
+                    kept = f(kept)
+                    row.update(f.last_metrics)
+                row["filter/kept_fraction"] = len(kept) / len(batch)
+
+                progress.stage(iteration, "update")
+                mark = time.perf_counter()
+                if len(kept) == 0:
+                    warnings.warn(f"iteration {iteration}: no rollouts left after filtering; update skipped")
+                    row["update/skipped"] = 1.0
+                else:
+                    row.update(algo.update(policy, kept))
+                    generator.sync(policy)
+                row["time/update"] = time.perf_counter() - mark
+
+                if cfg.run.save_rollouts:
+                    batch.save(run_dir / "rollouts" / f"iter_{iteration:04d}.parquet")
+                if iteration % cfg.run.eval_every == 0 or iteration == cfg.run.iterations:
+                    progress.stage(iteration, "eval")
+                    row.update(run_eval())
+                row["time/iteration"] = time.perf_counter() - began
+                metrics.append(row)
+                logger.log(row, step=iteration)
+                logger.log_samples(batch, iteration, cfg.run.log_samples)
+                progress.done(row)
+    finally:
+        write_summary(run_dir, metrics.rows, {"run_dir": str(run_dir)})
+        logger.finish()
+    return run_dir
+
+
+def evaluate_only(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """`rewardlab eval`: the policy's accuracy on the data set's test split, written to eval.json."""
+    setup_torch(cfg.run)
+    task = instantiate(cfg.dataset)
+    policy = instantiate(cfg.policy, device=cfg.run.device, log=console.print)
+    generator = instantiate(cfg.generation, policy=policy)
+    test_set = list(task.test_examples())[: cfg.run.eval_size]
+    if not test_set:
+        raise UserError("the data set's test split is empty; nothing to evaluate")
+    began = time.perf_counter()
+    out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples)
+    out.update({"eval/size": float(len(test_set)), "time/eval": time.perf_counter() - began})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "eval.json", {"policy": policy.source, **out})
+    return out
