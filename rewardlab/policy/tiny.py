@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -83,14 +82,11 @@ def build_model(spec: TinyBuild, tokenizer):
 
 
 def warm_start(model, tokenizer, spec: TinyBuild, log=print) -> None:
-    """Supervised training on arith reference solutions (cosine schedule), loss on completion tokens only."""
+    """Supervised training on arith reference solutions, loss on completion tokens only."""
     task = ArithTask(seed=spec.seed + 1)
     examples = task.train_examples()
     rng = random.Random(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.warmup_lr, weight_decay=0.0)
-    ramp = max(1, spec.warmup_steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / ramp) * 0.5 * (
-        1 + math.cos(math.pi * min(s, spec.warmup_steps) / spec.warmup_steps)))
     eos = tokenizer.eos_token_id
     model.train()
     start = time.time()
@@ -112,7 +108,6 @@ def warm_start(model, tokenizer, spec: TinyBuild, log=print) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
         if (step + 1) % 100 == 0:
             log(f"tiny warm start: step {step + 1}/{spec.warmup_steps} loss {loss.item():.3f} "
                 f"({time.time() - start:.0f}s)")
