@@ -87,7 +87,7 @@ def train(ctx: typer.Context) -> None:
     """Train a policy: `rewardlab train [OVERRIDES...]`.
 
     Overrides are Hydra's: pick a choice per group (`algo=rft reward=verifiable`), set keys
-    (`run.iterations=10 algo.lr=1e-4`), sweep with `-m algo=grpo,rft`, print the composed config with
+    (`run.iterations=10 algo.lr=1e-4`), sweep with `-m` / `--multirun algo=grpo,rft`, print the composed config with
     `--cfg job`, choose directories with `hydra.run.dir=...` / `hydra.sweep.dir=...`, and a launcher with
     `hydra/launcher=submitit_local`. `rewardlab configs` lists the choices. The last line printed is
     `run dir: <path>`: metrics.jsonl, summary.json, config.yaml and rollouts/ are there.

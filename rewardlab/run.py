@@ -60,6 +60,18 @@ def batch_metrics(batch: Batch) -> dict[str, float]:
     return out
 
 
+def mark_kept(batch: Batch, kept: Batch) -> None:
+    """Record in the full batch which rows the update used, and their advantages, for inspection."""
+    flags = [False] * len(batch)
+    advantages: list = [None] * len(batch)
+    for position, row in enumerate(kept.extra["row"]):
+        flags[row] = True
+        if kept.advantages is not None:
+            advantages[row] = kept.advantages[position]
+    batch.extra["kept"] = flags
+    batch.advantages = advantages
+
+
 def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Run the whole training loop described by `cfg`, writing everything under `run_dir`."""
     setup_torch(cfg.run)
@@ -118,6 +130,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                 row.update(reward.metrics(batch))
                 row["time/score"] = time.perf_counter() - mark
 
+                batch.extra["kept"] = [False] * len(batch)
+                batch.extra["row"] = list(range(len(batch)))
                 kept = batch
                 for f in filters:
                     kept = f(kept)
@@ -132,6 +146,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                 else:
                     row.update(algo.update(policy, kept))
                     generator.sync(policy)
+                mark_kept(batch, kept)
                 row["time/update"] = time.perf_counter() - mark
 
                 if cfg.run.save_rollouts:

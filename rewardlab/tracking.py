@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import sys
 import warnings
 from pathlib import Path
@@ -74,7 +75,7 @@ class WandbLogger(NullLogger):
 
         mode = self.mode if self.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         write_text_atomic(id_file, run_id)
         kwargs = dict(project=self.project, entity=self.entity, group=self.group, tags=self.tags,
                       dir=str(run_dir), config=config, name=name, id=run_id, resume="allow")
