@@ -61,8 +61,7 @@ def describe(exc: BaseException) -> str:
             or "not in struct" in str(cause):
         named = re.search(r"override '([^']+)'", str(exc))
         name = key or (named.group(1) if named else "?")
-        return (f"unknown config key '{name}'; check the spelling (`rewardlab train --cfg job` shows every key, "
-                f"`+{name}=...` adds a new one)")
+        return f"unknown config key '{name}'; check the spelling (`rewardlab train --cfg job` shows every key)"
     if isinstance(cause, ValidationError):
         return f"{key}: {str(cause).splitlines()[0]}"
     return str(exc).splitlines()[0]
