@@ -92,7 +92,9 @@ def train(ctx: typer.Context) -> None:
     `hydra/launcher=submitit_local`. `rewardlab configs` lists the choices. The last line printed is
     `run dir: <path>`: metrics.jsonl, summary.json, config.yaml and rollouts/ are there.
     """
-    _hydra("train", list(ctx.args), _train_task)
+    from rewardlab.distributed import run_dir_overrides
+
+    _hydra("train", run_dir_overrides(list(ctx.args)), _train_task)
 
 
 @app.command("eval", context_settings=HYDRA_ARGS)

@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rewardlab import distributed
 from rewardlab.algos import AlgoContext
 from rewardlab.data.base import PromptSampler
 from rewardlab.errors import UserError
@@ -25,7 +26,7 @@ from rewardlab.evaluation import evaluate
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.rewards.verifiable import check
 from rewardlab.rollout import Batch
-from rewardlab.tracking import MetricsFile, ProgressDisplay, console, write_summary
+from rewardlab.tracking import MetricsFile, NullLogger, ProgressDisplay, console, write_summary
 
 
 def seed_everything(seed: int) -> None:
@@ -34,10 +35,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_torch(run_cfg) -> None:
+def setup_torch(run_cfg, rank: int = 0) -> None:
     if run_cfg.threads > 0:
         torch.set_num_threads(run_cfg.threads)
-    seed_everything(run_cfg.seed)
+    seed_everything(run_cfg.seed + rank)  # ranks sample different completions; prompts use their own seed
 
 
 def batch_metrics(batch: Batch) -> dict[str, float]:
@@ -74,12 +75,15 @@ def mark_kept(batch: Batch, kept: Batch) -> None:
 
 def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Run the whole training loop described by `cfg`, writing everything under `run_dir`."""
-    setup_torch(cfg.run)
+    dist = distributed.setup()
+    distributed.check_divisible(dist, cfg.run.prompts_per_iteration)
+    setup_torch(cfg.run, dist.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if dist.is_main:
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     task = instantiate(cfg.dataset)
-    policy = instantiate(cfg.policy, device=cfg.run.device, log=console.print)
+    policy = instantiate(cfg.policy, device=distributed.device_for(dist, cfg.run.device), log=console.print)
     generator = instantiate(cfg.generation, policy=policy)
     reward = instantiate(cfg.reward)
     context = AlgoContext(temperature=generator.sampling.temperature,
@@ -87,12 +91,14 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                           total_iterations=cfg.run.iterations, seed=cfg.run.seed)
     algo = instantiate(cfg.algo, context=context)
     filters = [instantiate(f) for f in cfg.filters.values() if f is not None]
-    logger = instantiate(cfg.logger)
+    distributed.check_algorithm(dist, algo)
+    logger = instantiate(cfg.logger) if dist.is_main else NullLogger()
 
     sampler = PromptSampler(task.train_examples(), seed=cfg.run.seed)
     test_set = list(task.test_examples())[: cfg.run.eval_size]
     if not test_set:
         raise UserError("the data set's test split is empty; evaluation needs at least one example")
+    test_set = distributed.shard(test_set, dist.rank, dist.world_size)
     start = 0
     metrics = MetricsFile(run_dir / "metrics.jsonl", resume_from=start)
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.run.name or run_dir.name)
@@ -101,22 +107,23 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
         began = time.perf_counter()
         out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples)
         out["time/eval"] = time.perf_counter() - began
-        return out
+        return distributed.reduce_metrics(dist, out, weight=len(test_set))
 
     try:
         with ProgressDisplay(cfg.run.iterations, start) as progress:
             if start == 0:
                 progress.stage(0, "eval")
-                row = {"iteration": 0, **run_eval()}
-                metrics.append(row)
+                row = {"iteration": 0, "world_size": dist.world_size, **run_eval()}
+                if dist.is_main:
+                    metrics.append(row)
                 logger.log(row, step=0)
                 progress.done(row)
             for iteration in range(max(start, 1), cfg.run.iterations + 1):
                 began = time.perf_counter()
-                row: dict[str, Any] = {"iteration": iteration}
+                row: dict[str, Any] = {"iteration": iteration, "world_size": dist.world_size}
 
                 progress.stage(iteration, "generate")
-                prompts = sampler.sample(cfg.run.prompts_per_iteration)
+                prompts = distributed.shard(sampler.sample(cfg.run.prompts_per_iteration), dist.rank, dist.world_size)
                 batch = generator.generate(prompts, n=algo.samples_per_prompt)
                 batch.iteration = iteration
                 row["time/generate"] = time.perf_counter() - began
@@ -140,7 +147,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
                 progress.stage(iteration, "update")
                 mark = time.perf_counter()
-                if len(kept) == 0:
+                if distributed.min_over_ranks(dist, len(kept)) == 0:
                     warnings.warn(f"iteration {iteration}: no rollouts left after filtering; update skipped")
                     row["update/skipped"] = 1.0
                 else:
@@ -149,18 +156,24 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                 mark_kept(batch, kept)
                 row["time/update"] = time.perf_counter() - mark
 
-                if cfg.run.save_rollouts:
-                    batch.save(run_dir / "rollouts" / f"iter_{iteration:04d}.parquet")
+                if cfg.run.save_rollouts and (shards := distributed.gather_to_main(dist, batch)):
+                    Batch.concat(shards).save(run_dir / "rollouts" / f"iter_{iteration:04d}.parquet")
                 if iteration % cfg.run.eval_every == 0 or iteration == cfg.run.iterations:
                     progress.stage(iteration, "eval")
                     row.update(run_eval())
                 row["time/iteration"] = time.perf_counter() - began
-                metrics.append(row)
+                row = distributed.reduce_metrics(dist, row)
+                if dist.is_main:
+                    metrics.append(row)
                 logger.log(row, step=iteration)
                 logger.log_samples(batch, iteration, cfg.run.log_samples)
                 progress.done(row)
     finally:
-        write_summary(run_dir, metrics.rows, {"run_dir": str(run_dir)})
+        extra = {"run_dir": str(run_dir), "world_size": dist.world_size}
+        if dist.active:
+            extra["rank_param_sha256"] = distributed.gather_to_main(dist, distributed.param_digest(policy.model))
+        if dist.is_main:
+            write_summary(run_dir, metrics.rows, extra)
         logger.finish()
     return run_dir
 

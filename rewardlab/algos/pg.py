@@ -19,6 +19,7 @@ import torch
 from rewardlab.algos import AlgoContext
 from rewardlab.algos.advantages import ESTIMATORS
 from rewardlab.config import schema
+from rewardlab.distributed import all_reduce_gradients
 from rewardlab.errors import UserError
 from rewardlab.rollout import Batch
 
@@ -228,6 +229,7 @@ class PolicyGradient:
             totals["clip_fraction"] += float((stats["clipped"] * m).sum()) / max(n_tokens, 1.0)
             if "kl" in stats:
                 totals["kl"] += float((stats["kl"] * m).sum()) / max(n_tokens, 1.0)
+        all_reduce_gradients(model.parameters())  # data parallel: average over ranks (no-op in one process)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         self.optimizer.step()
         totals["grad_norm"] = float(norm)

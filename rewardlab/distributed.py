@@ -1,0 +1,188 @@
+"""Data-parallel training across processes started by `torchrun` or `accelerate launch`.
+
+accelerate's PartialState reads the launcher's environment, picks the backend (gloo on CPU, NCCL on
+GPUs) and the process's device. What no library does for a loop that owns its own generation is here:
+sharding prompts by rank with every group kept whole on one rank, averaging gradients before the
+optimizer step, reducing a metrics row over ranks, and gathering what rank 0 alone writes.
+With one process every helper is a no-op, so run.py reads the same either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence, TypeVar
+
+import torch
+import torch.distributed as torch_dist
+
+from rewardlab.errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: rank, world size and the device it trains on."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str | None = None  # set under a multi-process launch: cpu or cuda:<local rank>
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (WORLD_SIZE), 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup() -> Dist:
+    """Join the process group the launcher describes (idempotent); a single process gets Dist()."""
+    if launched_world_size() <= 1:
+        return Dist()
+    from accelerate import PartialState
+
+    # Without cpu=True PartialState ignores WORLD_SIZE on a machine without CUDA and stays single-process.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return Dist(rank=state.process_index, world_size=state.num_processes, device=str(state.device))
+
+
+def device_for(dist: Dist, requested: str) -> str:
+    """The device a rank trains on: the launcher's (one GPU per rank) when distributed, else `requested`."""
+    if not dist.active:
+        return requested
+    if requested not in ("auto", dist.device) and requested.split(":")[0] != dist.device.split(":")[0]:
+        raise UserError(f"run.device={requested} but this {dist.world_size}-process launch trains on "
+                        f"{dist.device}; leave run.device=auto (hide GPUs with CUDA_VISIBLE_DEVICES= for CPU)")
+    return dist.device
+
+
+def check_divisible(dist: Dist, prompts_per_iteration: int) -> None:
+    """Every rank must get the same number of prompts, so ranks take the same number of optimizer steps."""
+    if prompts_per_iteration % dist.world_size:
+        raise UserError(f"run.prompts_per_iteration={prompts_per_iteration} is not divisible by the "
+                        f"{dist.world_size} processes; choose a multiple of {dist.world_size}")
+
+
+def check_algorithm(dist: Dist, algo: Any) -> None:
+    """Data parallelism is wired into the native policy-gradient update (its gradients are all-reduced);
+    the TRL-backed algorithms shard and synchronise on their own terms, so they run in one process."""
+    from rewardlab.algos.pg import PolicyGradient
+
+    if dist.active and not isinstance(algo, PolicyGradient):
+        raise UserError(f"{type(algo).__name__} does not support {dist.world_size}-process data-parallel "
+                        f"training here; use a policy-gradient algo (algo=grpo) or run it in one process")
+
+
+def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """This rank's contiguous share of `items` (sizes differ by at most one). Sharding prompts before
+    sampling `n` completions each keeps every group on one rank, so group advantages stay exact."""
+    base, extra = divmod(len(items), world_size)
+    start = rank * base + min(rank, extra)
+    return list(items[start : start + base + (rank < extra)])
+
+
+def combine(rows: Sequence[dict[str, Any]], weights: Sequence[float]) -> dict[str, Any]:
+    """One metrics row from every rank's row: counts summed, `*/max`, `*/min` and stage times
+    (`time/*`, the slowest rank) by max/min, everything else a weighted mean. Pure, for testing."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        pairs = [(row[key], w) for row, w in zip(rows, weights) if key in row]
+        values = [v for v, _ in pairs]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = values[0]
+        elif key in ("iteration", "world_size"):
+            out[key] = values[0]
+        elif key == "rollouts":
+            out[key] = float(sum(values))
+        elif key.endswith("/max") or key.startswith("time/"):
+            out[key] = max(values)
+        elif key.endswith("/min"):
+            out[key] = min(values)
+        else:
+            total = sum(w for _, w in pairs)
+            out[key] = sum(v * w for v, w in pairs) / total if total else float("nan")
+    return out
+
+
+def reduce_metrics(dist: Dist, row: dict[str, Any], weight: float = 1.0) -> dict[str, Any]:
+    """The row every rank logs: `combine` over all ranks' rows (identical on every rank)."""
+    if not dist.active:
+        return row
+    gathered: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(gathered, (row, weight))
+    return combine([r for r, _ in gathered], [w for _, w in gathered])
+
+
+def min_over_ranks(dist: Dist, value: int) -> int:
+    """The smallest `value` of any rank (e.g. rows left after filtering: skip the update on all or none)."""
+    if not dist.active:
+        return value
+    gathered: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(gathered, value)
+    return min(gathered)
+
+
+def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Average `.grad` over ranks, one flattened all-reduce per dtype, before clipping and the optimizer
+    step, so every rank applies the same update and clipping sees the global gradient's norm."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return
+    world = torch_dist.get_world_size()
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in parameters:
+        if p.requires_grad:
+            if p.grad is None:  # a parameter unused on this rank still joins the collective
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for params in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch_dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+
+def gather_to_main(dist: Dist, obj: T) -> list[T] | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); [obj] with one process."""
+    if not dist.active:
+        return [obj]
+    out: list[Any] | None = [None] * dist.world_size if dist.is_main else None
+    torch_dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes in name order: equal digests mean equal weights."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_dir_overrides(args: list[str]) -> list[str]:
+    """Under a multi-process launch, Hydra in every rank must use one run directory: unless the command
+    line names it, rank 0's timestamp is broadcast and `hydra.run.dir` set from it (the same pattern as
+    conf/train.yaml, runs/<date>/<time>)."""
+    named = any(a.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for a in args)
+    if launched_world_size() <= 1 or named or "-m" in args or "--multirun" in args:
+        return args
+    setup()
+    stamp = [time.time()]
+    torch_dist.broadcast_object_list(stamp, src=0)
+    when = time.localtime(math.floor(stamp[0]))
+    return [*args, f"hydra.run.dir=runs/{time.strftime('%Y-%m-%d', when)}/{time.strftime('%H-%M-%S', when)}"]
