@@ -108,6 +108,27 @@ def evaluate(ctx: typer.Context) -> None:
 
 
 @app.command()
+def report(path: Path = typer.Argument(..., help="a run dir, or a multirun dir (its jobs overlaid)"),
+           out: Path = typer.Option(None, help="where the PNGs and report.md go (default: <path>/report)")) -> None:
+    """Plot a run's metrics (reward per component, gold vs proxy, eval accuracy, KL, length, time per
+    stage) as PNGs with a short report.md: `rewardlab report runs/2026-11-25/10-00-00`."""
+    from rewardlab.report import write_report
+
+    with user_errors():
+        typer.echo(f"report: {write_report(path, out)}")
+
+
+@app.command("sweep-summary")
+def sweep_summary(path: Path = typer.Argument(..., help="the multirun dir of a `rewardlab train -m` sweep")) -> None:
+    """Tabulate every job of a sweep (overrides that vary, final metrics) into sweep_summary.md/.json
+    and print it; works mid-sweep too. Written automatically when a sweep ends."""
+    from rewardlab.sweep import write_sweep_summary
+
+    with user_errors():
+        typer.echo(write_sweep_summary(path).read_text())
+
+
+@app.command()
 def configs() -> None:
     """List every config group with its choices and a one-line description of each."""
     from rewardlab.cli.listing import config_table

@@ -1,0 +1,186 @@
+"""`rewardlab report <dir>`: PNG plots of metrics.jsonl (matplotlib, Agg) and a short report.md.
+
+A run directory gets one curve per metric; a multirun directory gets every job's curves overlaid,
+labelled by the overrides that differ between jobs. Panels whose metrics a run never logged (KL with
+algo.beta=0, say) are listed as absent in the markdown instead of drawn empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from rewardlab.errors import UserError  # noqa: E402
+from rewardlab.io import write_text_atomic  # noqa: E402
+from rewardlab.sweep import job_dirs, read_rows, varying_overrides  # noqa: E402
+
+STAGES = ("time/generate", "time/score", "time/update", "time/eval")
+
+
+@dataclass
+class Run:
+    label: str
+    rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Panel:
+    name: str
+    title: str
+    ylabel: str
+    keys: Callable[[set[str]], list[str]]
+
+
+def _reward_keys(keys: set[str]) -> list[str]:
+    components = sorted(k for k in keys if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean")
+    return ["reward/mean", *components] if "reward/mean" in keys else components
+
+
+def _fixed(*names: str) -> Callable[[set[str]], list[str]]:
+    return lambda keys: [n for n in names if n in keys]
+
+
+def _eval_keys(keys: set[str]) -> list[str]:
+    return ["eval/accuracy"] * ("eval/accuracy" in keys) + sorted(
+        k for k in keys if k.startswith(("eval/pass@", "eval/maj@")))
+
+
+PANELS = (
+    Panel("reward", "Reward per component (training rollouts)", "mean reward", _reward_keys),
+    Panel("gold_vs_proxy", "Gold accuracy vs proxy reward (training rollouts)", "value",
+          _fixed("reward/mean", "gold/accuracy")),
+    Panel("eval_accuracy", "Evaluation on the test split", "accuracy", _eval_keys),
+    Panel("kl", "KL to the reference policy", "KL (k3, per token)", _fixed("kl")),
+    Panel("length", "Completion length", "tokens", _fixed("length/mean", "length/max", "eval/length")),
+    Panel("time", "Seconds per stage", "seconds", _fixed(*STAGES)),
+)
+
+
+def load_runs(path: Path) -> tuple[list[Run], bool]:
+    """The runs under `path` and whether it is a multirun directory."""
+    if (path / "metrics.jsonl").exists():
+        return [Run(path.name, read_rows(path))], False
+    jobs = [j for j in job_dirs(path) if (j / "metrics.jsonl").exists()]
+    if not jobs:
+        raise UserError(f"{path} has no metrics.jsonl (a run dir) nor job dirs with one (a multirun dir); "
+                        f"pass the directory `rewardlab train` printed as `run dir:`")
+    labels = varying_overrides(jobs)
+    return [Run(f"{j.name}: {' '.join(labels[j]) or j.name}", read_rows(j)) for j in jobs], True
+
+
+def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(iterations, values) of one metric, skipping rows that did not log it."""
+    pairs = [(r["iteration"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _plot_time_bars(ax, run: Run, keys: list[str]) -> None:
+    """One run: stacked bars, one segment per stage, so each iteration's total is visible too."""
+    bottom: dict[int, float] = {}
+    for key in keys:
+        xs, ys = series(run.rows, key)
+        ax.bar(xs, ys, bottom=[bottom.get(x, 0.0) for x in xs], label=key.removeprefix("time/"))
+        for x, y in zip(xs, ys):
+            bottom[x] = bottom.get(x, 0.0) + y
+
+
+def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
+    """Draw one panel to `out` (PNG); returns the metrics drawn, or None when no run logged any."""
+    keys = panel.keys(set().union(*(k for r in runs for k in r.rows)))
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    styles = ("-", "--", ":", "-.")
+    if panel.name == "time" and len(runs) == 1:
+        _plot_time_bars(ax, runs[0], keys)
+    elif panel.name == "gold_vs_proxy":
+        right = ax.twinx()  # the proxy reward may live on any scale; gold accuracy is in [0, 1]
+        proxy: list[float] = []
+        for i, run in enumerate(runs):
+            for axis, key, style, marker in ((ax, "reward/mean", "-", "o"), (right, "gold/accuracy", "--", "s")):
+                xs, ys = series(run.rows, key)
+                proxy += ys if key == "reward/mean" else []
+                if xs:
+                    axis.plot(xs, ys, style, color=f"C{i}" if len(runs) > 1 else ("C0" if marker == "o" else "C3"),
+                              marker=marker, ms=5, mfc="none" if marker == "s" else None,
+                              label=f"{run.label} · {key}" if len(runs) > 1 else key)
+        right.set_ylim(-0.03, 1.03)
+        if proxy and 0 <= min(proxy) and max(proxy) <= 1:  # same scale on both sides when comparable
+            ax.set_ylim(-0.03, 1.03)
+        right.set_ylabel("gold accuracy (verifiable)")
+        ax.set_ylabel("proxy reward (training reward)")
+        handles = [h for a in (ax, right) for h in a.get_legend_handles_labels()[0]]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+    else:
+        for i, run in enumerate(runs):
+            for j, key in enumerate(keys):
+                xs, ys = series(run.rows, key)
+                if xs:
+                    color = f"C{i}" if len(runs) > 1 else f"C{j}"
+                    style = styles[j % len(styles)] if len(runs) > 1 else "-"
+                    ax.plot(xs, ys, style, color=color, marker="o", ms=3,
+                            label=f"{run.label} · {key}" if len(runs) > 1 else key)
+    if panel.name != "gold_vs_proxy":
+        ax.set_ylabel(panel.ylabel)
+        ax.legend(fontsize=7, loc="best")
+    ax.set_title(panel.title)
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return keys
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def run_table(runs: list[Run]) -> str:
+    """Start -> end of the headline metrics, and where the time went, one row per run."""
+    header = ["run", "iterations", "world size", "eval acc start", "eval acc end", "gold acc first",
+              "gold acc last", "reward first", "reward last", "total s", "share of time (gen/score/update/eval)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        ev, gold, reward = (series(run.rows, k)[1] for k in ("eval/accuracy", "gold/accuracy", "reward/mean"))
+        stage = [sum(series(run.rows, k)[1]) for k in STAGES]
+        total = sum(stage)
+        share = "/".join(f"{100 * s / total:.0f}%" for s in stage) if total else ""
+        first_last = [v for seq in (ev, gold, reward) for v in ((seq[0], seq[-1]) if seq else (None, None))]
+        cells = [run.label, max((r["iteration"] for r in run.rows), default=0),
+                 run.rows[-1].get("world_size", 1) if run.rows else 1, *first_last, total, share]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """Plot every panel for the run (or multirun) at `path` into `out` (default <path>/report) and
+    write report.md there; returns the markdown's path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory; pass a run dir or a multirun dir")
+    runs, multirun = load_runs(path)
+    out = Path(out) if out is not None else path / "report"
+    drawn, absent = [], []
+    for panel in PANELS:
+        keys = draw_panel(panel, runs, out / f"{panel.name}.png")
+        (drawn if keys else absent).append((panel, keys))
+    kind = f"multirun of {len(runs)} jobs, curves overlaid" if multirun else "run"
+    parts = [f"# Report: {path}\n", f"{kind.capitalize()}.\n", run_table(runs)]
+    parts += [f"## {p.title}\n\n![{p.name}]({p.name}.png)\n\nMetrics: {', '.join(f'`{k}`' for k in keys)}\n"
+              for p, keys in drawn]
+    if absent:
+        parts.append("Not logged by " + ("any job" if multirun else "this run") + ": "
+                     + ", ".join(p.title for p, _ in absent) + ".\n")
+    report = out / "report.md"
+    write_text_atomic(report, "\n".join(parts))
+    return report

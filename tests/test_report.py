@@ -1,0 +1,69 @@
+"""`rewardlab report`: PNG panels and report.md from metrics.jsonl, one run or a multirun overlaid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import yaml
+
+from rewardlab.report import PANELS, series, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(run_dir: Path, reward_slope: float, with_kl: bool = True) -> None:
+    rows = [{"iteration": 0, "eval/accuracy": 0.2, "eval/length": 20.0, "time/eval": 1.0, "world_size": 2}]
+    for i in range(1, 5):
+        row = {"iteration": i, "reward/mean": 0.2 + reward_slope * i, "reward/verifiable/mean": 0.2 + reward_slope * i,
+               "gold/accuracy": 0.2 + reward_slope * i, "length/mean": 20.0 + i, "length/max": 30.0,
+               "time/generate": 2.0, "time/score": 0.1, "time/update": 1.0, "world_size": 2}
+        if with_kl:
+            row["kl"] = 0.01 * i
+        if i % 2 == 0:
+            row.update({"eval/accuracy": 0.2 + 0.1 * i, "time/eval": 1.0})
+        rows.append(row)
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_one_run_gets_every_panel_and_a_summary(tmp_path: Path):
+    write_run(tmp_path / "run", 0.1)
+    report = write_report(tmp_path / "run")
+    assert report == tmp_path / "run" / "report" / "report.md"
+    for panel in PANELS:
+        png = report.parent / f"{panel.name}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert matplotlib.image.imread(png).shape[1] > 500  # a real, decodable image
+    text = report.read_text()
+    assert "| run | 4 | 2 | 0.200 | 0.600 | 0.300 | 0.600 |" in text  # eval 0.2 -> 0.6, gold 0.3 -> 0.6
+    assert "![kl](kl.png)" in text and "Not logged" not in text
+
+
+def test_eval_series_skips_iterations_without_eval(tmp_path: Path):
+    write_run(tmp_path / "run", 0.1)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert series(rows, "eval/accuracy") == ([0, 2, 4], [0.2, 0.4, 0.6000000000000001])
+
+
+def test_multirun_overlays_jobs_labelled_by_their_overrides(tmp_path: Path):
+    for num, lr, slope in ((0, "1e-4", 0.1), (1, "1e-3", -0.05)):
+        job = tmp_path / str(num)
+        write_run(job, slope, with_kl=False)
+        (job / ".hydra").mkdir()
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["logger=none", f"algo.lr={lr}"]))
+    text = write_report(tmp_path, tmp_path / "out").read_text()
+    assert "Multirun of 2 jobs" in text
+    assert "| 0: algo.lr=1e-4 |" in text and "| 1: algo.lr=1e-3 |" in text and "logger=none" not in text
+    assert "Not logged by any job: KL to the reference policy." in text
+    assert not (tmp_path / "out" / "kl.png").exists() and (tmp_path / "out" / "reward.png").exists()
+
+
+def test_cli_report_on_a_missing_directory_is_one_line_and_exit_2(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "rewardlab", "report", str(tmp_path / "nope")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope'} is not a directory; pass a run dir or a multirun dir"
