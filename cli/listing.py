@@ -16,6 +16,9 @@ def describe_yaml(text: str) -> str:
     return ""
 
 
+NOT_GROUPS = {"accelerate"}  # conf/accelerate/: files for `accelerate launch --config_file`, not Hydra choices
+
+
 def collect() -> dict[str, dict[str, str]]:
     """{group: {choice: description}} for every group under conf/ (nested groups joined with '/')."""
     root = resources.files("rewardlab.conf")
@@ -23,7 +26,7 @@ def collect() -> dict[str, dict[str, str]]:
 
     def walk(node, prefix: str) -> None:
         for child in sorted(node.iterdir(), key=lambda c: c.name):
-            if child.is_dir() and not child.name.startswith(("_", ".")):
+            if child.is_dir() and not child.name.startswith(("_", ".")) and child.name not in NOT_GROUPS:
                 walk(child, f"{prefix}{child.name}/")
             elif child.name.endswith(".yaml") and prefix:
                 groups.setdefault(prefix.rstrip("/"), {})[child.name[:-5]] = describe_yaml(child.read_text())

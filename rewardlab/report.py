@@ -124,7 +124,7 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
                 xs, ys = series(run.rows, key)
                 if xs:
                     color = f"C{i}" if len(runs) > 1 else f"C{j}"
-                    style = styles[j % len(styles)] if len(runs) > 1 else "-"
+                    style = styles[j % len(styles)]
                     ax.plot(xs, ys, style, color=color, marker="o", ms=3,
                             label=f"{run.label} · {key}" if len(runs) > 1 else key)
     if panel.name != "gold_vs_proxy":
