@@ -42,7 +42,14 @@ class Dist:
 
 
 def launched_world_size() -> int:
-    """The number of processes the launcher started (WORLD_SIZE), 1 when run directly."""
+    """The number of processes the launcher started (WORLD_SIZE), 1 when run directly. A submitit job
+    with several tasks (hydra.launcher.tasks_per_node=N) gets torch's env:// variables from submitit."""
+    if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            # keep every GPU visible: accelerate places each rank on cuda:<local rank>
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

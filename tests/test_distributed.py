@@ -49,6 +49,20 @@ def test_single_process_helpers_are_identity():
     assert distributed.run_dir_overrides(["a=1"]) == ["a=1"]
 
 
+def test_a_submitit_job_with_two_tasks_becomes_a_two_process_group(monkeypatch):
+    """hydra.launcher.tasks_per_node=2: submitit's task ids become torch's env:// variables."""
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "77", "SUBMITIT_LOCAL_NTASKS": "2",
+                       "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0",
+                       "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1"}.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.launched_world_size() == 2
+    assert os.environ["RANK"] == "1" and os.environ["LOCAL_RANK"] == "1" and os.environ["MASTER_ADDR"]
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(key, None)  # export() wrote them outside monkeypatch's bookkeeping
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_train_identical_weights(tmp_path: Path):
     from rewardlab.policy import load_policy
@@ -69,3 +83,30 @@ def test_torchrun_two_ranks_train_identical_weights(tmp_path: Path):
     assert first == second
     initial = distributed.param_digest(load_policy(device="cpu", log=lambda *_: None).model)
     assert first != initial  # the two updates changed the weights, identically on both ranks
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_multi_gpu_config_runs_two_ranks_on_cpu(tmp_path: Path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate runs multi-CPU only
+    through mpirun); the multi_gpu config starts one process per rank, and on a CPU-only machine they
+    join over gloo."""
+    repo = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(repo / "conf" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "rewardlab", "train", *TINY_GRPO,
+           "run.iterations=1", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["iterations_completed"] == 2
+    assert len(set(summary["rank_param_sha256"])) == 1
