@@ -96,7 +96,9 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
     keys = panel.keys(set().union(*(k for r in runs for k in r.rows)))
     if not keys:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(7 if len(runs) == 1 else 10, 4.2), dpi=110)
+    legend = dict(fontsize=7, loc="best") if len(runs) == 1 else dict(  # overlays: legend beside the axes
+        fontsize=7, loc="upper left", bbox_to_anchor=(1.1 if panel.name == "gold_vs_proxy" else 1.01, 1))
     styles = ("-", "--", ":", "-.")
     if panel.name == "time" and len(runs) == 1:
         _plot_time_bars(ax, runs[0], keys)
@@ -117,7 +119,7 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
         right.set_ylabel("gold accuracy (verifiable)")
         ax.set_ylabel("proxy reward (training reward)")
         handles = [h for a in (ax, right) for h in a.get_legend_handles_labels()[0]]
-        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+        ax.legend(handles, [h.get_label() for h in handles], **legend)
     else:
         for i, run in enumerate(runs):
             for j, key in enumerate(keys):
@@ -129,7 +131,7 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
                             label=f"{run.label} · {key}" if len(runs) > 1 else key)
     if panel.name != "gold_vs_proxy":
         ax.set_ylabel(panel.ylabel)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(**legend)
     ax.set_title(panel.title)
     ax.set_xlabel("iteration")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -148,7 +150,7 @@ def _fmt(value: Any) -> str:
 def run_table(runs: list[Run]) -> str:
     """Start -> end of the headline metrics, and where the time went, one row per run."""
     header = ["run", "iterations", "world size", "eval acc start", "eval acc end", "gold acc first",
-              "gold acc last", "reward first", "reward last", "total s", "share of time (gen/score/update/eval)"]
+              "gold acc last", "reward first", "reward last", "stage seconds", "share (gen/score/update/eval)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         ev, gold, reward = (series(run.rows, k)[1] for k in ("eval/accuracy", "gold/accuracy", "reward/mean"))

@@ -110,3 +110,13 @@ def test_accelerate_launch_with_the_multi_gpu_config_runs_two_ranks_on_cpu(tmp_p
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["iterations_completed"] == 2
     assert len(set(summary["rank_param_sha256"])) == 1
+
+
+def test_algorithms_without_gradient_averaging_refuse_several_processes():
+    from rewardlab.algos.pg import PolicyGradient
+
+    two = distributed.Dist(rank=0, world_size=2, device="cpu")
+    distributed.check_algorithm(two, PolicyGradient())
+    distributed.check_algorithm(distributed.Dist(), object())
+    with pytest.raises(UserError, match="does not support 2-process data-parallel training"):
+        distributed.check_algorithm(two, object())
