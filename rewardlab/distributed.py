@@ -74,11 +74,15 @@ def device_for(dist: Dist, requested: str) -> str:
     return dist.device
 
 
-def check_divisible(dist: Dist, prompts_per_iteration: int) -> None:
-    """Every rank must get the same number of prompts, so ranks take the same number of optimizer steps."""
+def check_sizes(dist: Dist, prompts_per_iteration: int, eval_size: int) -> None:
+    """Every rank must get the same number of prompts (so ranks take the same number of optimizer
+    steps) and at least one evaluation example."""
     if prompts_per_iteration % dist.world_size:
         raise UserError(f"run.prompts_per_iteration={prompts_per_iteration} is not divisible by the "
                         f"{dist.world_size} processes; choose a multiple of {dist.world_size}")
+    if eval_size < dist.world_size:
+        raise UserError(f"run.eval_size={eval_size} leaves some of the {dist.world_size} processes nothing "
+                        f"to evaluate; use at least {dist.world_size}")
 
 
 def check_algorithm(dist: Dist, algo: Any) -> None:

@@ -76,7 +76,8 @@ def mark_kept(batch: Batch, kept: Batch) -> None:
 def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Run the whole training loop described by `cfg`, writing everything under `run_dir`."""
     dist = distributed.setup()
-    distributed.check_divisible(dist, cfg.run.prompts_per_iteration)
+    distributed.check_sizes(dist, cfg.run.prompts_per_iteration, cfg.run.eval_size)
+    console.quiet = not dist.is_main  # progress lines once, from rank 0
     setup_torch(cfg.run, dist.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:

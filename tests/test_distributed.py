@@ -25,8 +25,12 @@ def test_shard_covers_every_item_once_in_contiguous_blocks():
 
 
 def test_prompt_counts_that_do_not_split_evenly_are_refused():
+    four = distributed.Dist(rank=0, world_size=4, device="cpu")
+    distributed.check_sizes(four, 8, 4)
     with pytest.raises(UserError, match="prompts_per_iteration=6 is not divisible by the 4"):
-        distributed.check_divisible(distributed.Dist(rank=0, world_size=4, device="cpu"), 6)
+        distributed.check_sizes(four, 6, 100)
+    with pytest.raises(UserError, match="eval_size=3 leaves some of the 4 processes nothing"):
+        distributed.check_sizes(four, 8, 3)
 
 
 def test_combine_sums_counts_takes_slowest_time_and_weights_means():
