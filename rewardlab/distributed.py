@@ -135,13 +135,22 @@ def reduce_metrics(dist: Dist, row: dict[str, Any], weight: float = 1.0) -> dict
     return combine([r for r, _ in gathered], [w for _, w in gathered])
 
 
-def min_over_ranks(dist: Dist, value: int) -> int:
-    """The smallest `value` of any rank (e.g. rows left after filtering: skip the update on all or none)."""
+def should_update(dist: Dist, algo: Any, rows: int) -> bool:
+    """Whether every rank has rollouts left to update on (all ranks skip together, or none does).
+    Ranks whose filters kept different numbers of rows still take equal numbers of optimizer steps
+    when each update is one step per pass (algo.minibatch_size=0); with minibatches they would not,
+    and the gradient all-reduce would wait forever, so that is refused."""
     if not dist.active:
-        return value
-    gathered: list[Any] = [None] * dist.world_size
-    torch_dist.all_gather_object(gathered, value)
-    return min(gathered)
+        return rows > 0
+    counts: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(counts, rows)
+    if min(counts) == 0:
+        return False
+    if len(set(counts)) > 1 and getattr(getattr(algo, "cfg", None), "minibatch_size", 0) > 0:
+        raise UserError(f"filters left different numbers of rollouts on the ranks ({counts}), and "
+                        f"algo.minibatch_size>0 would give them different numbers of optimizer steps; "
+                        f"use algo.minibatch_size=0 with several processes")
+    return True
 
 
 def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:

@@ -148,7 +148,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
                 progress.stage(iteration, "update")
                 mark = time.perf_counter()
-                if distributed.min_over_ranks(dist, len(kept)) == 0:
+                if not distributed.should_update(dist, algo, len(kept)):
                     warnings.warn(f"iteration {iteration}: no rollouts left after filtering; update skipped")
                     row["update/skipped"] = 1.0
                 else:

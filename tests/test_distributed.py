@@ -67,6 +67,45 @@ def test_a_submitit_job_with_two_tasks_becomes_a_two_process_group(monkeypatch):
         os.environ.pop(key, None)  # export() wrote them outside monkeypatch's bookkeeping
 
 
+def _collectives_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks exercising the collectives run.py relies on; writes what it saw."""
+    import types
+
+    import torch
+    import torch.distributed as torch_dist
+
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist = distributed.Dist(rank=rank, world_size=2, device="cpu")
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.full((3,), float(rank + 1))
+    unused = torch.nn.Parameter(torch.zeros(2))  # no grad on this rank: joins as zeros
+    distributed.all_reduce_gradients([param, unused])
+    row = distributed.reduce_metrics(dist, {"iteration": 1, "reward/mean": float(rank), "time/update": rank + 1.0,
+                                            "rollouts": 4.0})
+    minibatched = types.SimpleNamespace(cfg=types.SimpleNamespace(minibatch_size=8))
+    seen = {"grad": param.grad.tolist(), "unused": unused.grad.tolist(), "row": row,
+            "skip_if_one_rank_is_empty": distributed.should_update(dist, minibatched, [0, 5][rank]),
+            "equal_counts": distributed.should_update(dist, minibatched, 5)}
+    try:
+        distributed.should_update(dist, minibatched, [4, 5][rank])
+    except UserError as exc:
+        seen["unequal_minibatched"] = str(exc)
+    Path(out, f"{rank}.json").write_text(json.dumps(seen))
+    torch_dist.destroy_process_group()
+
+
+def test_collectives_average_gradients_reduce_rows_and_agree_on_skipping(tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1]  # every rank ends with the same gradients, row and decisions
+    assert seen[0]["grad"] == [1.5, 1.5, 1.5] and seen[0]["unused"] == [0.0, 0.0]
+    assert seen[0]["row"] == {"iteration": 1, "reward/mean": 0.5, "time/update": 2.0, "rollouts": 8.0}
+    assert seen[0]["skip_if_one_rank_is_empty"] is False and seen[0]["equal_counts"] is True
+    assert "algo.minibatch_size=0" in seen[0]["unequal_minibatched"]
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_train_identical_weights(tmp_path: Path):
     from rewardlab.policy import load_policy
