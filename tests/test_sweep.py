@@ -39,6 +39,16 @@ def test_summary_lists_varying_overrides_and_final_metrics(tmp_path: Path):
     assert json.loads((tmp_path / "sweep_summary.json").read_text())[1]["iteration"] == 0
 
 
+def test_cli_sweep_summary_prints_and_writes_the_table(tmp_path: Path):
+    fake_job(tmp_path, 0, ["algo.lr=1e-4"], [{"iteration": 0, "eval/accuracy": 0.25}])
+    fake_job(tmp_path, 1, ["algo.lr=1e-3"], [{"iteration": 0, "eval/accuracy": 0.5}])
+    result = subprocess.run([sys.executable, "-m", "rewardlab", "sweep-summary", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "| 1 | algo.lr=1e-3 | done | 0 | 0.500 | 0.500 |" in result.stdout
+    assert (tmp_path / "sweep_summary.md").read_text().endswith(result.stdout.rstrip("\n") + "\n")
+
+
 def test_summary_of_a_directory_without_jobs_is_a_user_error(tmp_path: Path):
     with pytest.raises(UserError, match="no Hydra job directories"):
         summarize(tmp_path)
