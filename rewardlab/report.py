@@ -54,8 +54,8 @@ def _eval_keys(keys: set[str]) -> list[str]:
 
 PANELS = (
     Panel("reward", "Reward per component (training rollouts)", "mean reward", _reward_keys),
-    Panel("gold_vs_proxy", "Gold accuracy vs proxy reward (training rollouts)", "value",
-          _fixed("reward/mean", "gold/accuracy")),
+    Panel("gold_vs_proxy", "Gold accuracy vs proxy reward (training rollouts)", "value",  # needs references
+          lambda keys: ["reward/mean", "gold/accuracy"] if {"reward/mean", "gold/accuracy"} <= keys else []),
     Panel("eval_accuracy", "Evaluation on the test split", "accuracy", _eval_keys),
     Panel("kl", "KL to the reference policy", "KL (k3, per token)", _fixed("kl")),
     Panel("length", "Completion length", "tokens", _fixed("length/mean", "length/max", "eval/length")),
