@@ -98,5 +98,7 @@ class SweepSummary(Callback):
     """Hydra callback: after every multirun, the sweep summary lands in the sweep directory."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        path = write_sweep_summary(config.hydra.sweep.dir)
-        print(f"sweep summary: {path}")
+        try:
+            print(f"sweep summary: {write_sweep_summary(config.hydra.sweep.dir)}")
+        except UserError as exc:  # a summary must never turn a finished sweep into a failed command
+            print(f"sweep summary: not written ({exc})")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from rewardlab.errors import UserError
-from rewardlab.sweep import summarize, write_sweep_summary
+from rewardlab.sweep import SweepSummary, summarize, write_sweep_summary
 
 
 def fake_job(sweep: Path, num: int, overrides: list[str], rows: list[dict], done: bool = True) -> Path:
@@ -49,9 +50,11 @@ def test_cli_sweep_summary_prints_and_writes_the_table(tmp_path: Path):
     assert (tmp_path / "sweep_summary.md").read_text().endswith(result.stdout.rstrip("\n") + "\n")
 
 
-def test_summary_of_a_directory_without_jobs_is_a_user_error(tmp_path: Path):
+def test_summary_of_a_directory_without_jobs_is_a_user_error(tmp_path: Path, capsys):
     with pytest.raises(UserError, match="no Hydra job directories"):
         summarize(tmp_path)
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert "sweep summary: not written" in capsys.readouterr().out
 
 
 def test_slurm_launcher_asks_for_resources_and_requeue(tmp_path: Path, monkeypatch):
@@ -59,7 +62,6 @@ def test_slurm_launcher_asks_for_resources_and_requeue(tmp_path: Path, monkeypat
     import submitit
     from hydra import compose, initialize_config_module
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import OmegaConf
 
     from rewardlab.config import register_schemas
 
