@@ -12,8 +12,12 @@ def test_every_package_directory_is_listed():
     assert found | {"rewardlab.cli", "rewardlab.conf"} <= listed
 
 
-def test_no_top_level_cli_module():
-    import importlib.util
+def test_no_top_level_cli_module(tmp_path):
+    """Installed, the CLI is `rewardlab.cli`; no top-level `cli` module leaks (checked outside the repo,
+    where the working directory cannot shadow the installation)."""
+    import subprocess
+    import sys
 
-    assert importlib.util.find_spec("cli") is None
-    assert importlib.util.find_spec("rewardlab.cli.main") is not None
+    code = ("import importlib.util, sys; "
+            "sys.exit(importlib.util.find_spec('cli') is not None or importlib.util.find_spec('rewardlab.cli.main') is None)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 0
