@@ -11,7 +11,7 @@ from rich.table import Table
 
 def describe_yaml(text: str) -> str:
     for line in text.splitlines():
-        if line.startswith("#"):
+        if line.startswith("#") and not line.startswith("# @package"):
             return line.lstrip("#").strip()
     return ""
 

@@ -87,9 +87,10 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     policy = instantiate(cfg.policy, device=distributed.device_for(dist, cfg.run.device), log=console.print)
     generator = instantiate(cfg.generation, policy=policy)
     reward = instantiate(cfg.reward)
+    reward.bind(policy)
     context = AlgoContext(temperature=generator.sampling.temperature,
                           max_new_tokens=generator.sampling.max_new_tokens,
-                          total_iterations=cfg.run.iterations, seed=cfg.run.seed)
+                          total_iterations=cfg.run.iterations, seed=cfg.run.seed, reward=reward)
     algo = instantiate(cfg.algo, context=context)
     filters = [instantiate(f) for f in cfg.filters.values() if f is not None]
     distributed.check_algorithm(dist, algo)

@@ -22,6 +22,9 @@ class Reward(ABC):
         batch.rewards[self.name] = values
         batch.reward = list(values)
 
+    def bind(self, policy) -> None:
+        """Receive the live policy before the first `score` (self-judging rewards need it); no-op by default."""
+
     def metrics(self, batch: Batch) -> dict[str, float]:
         """Per-iteration diagnostics of this reward (parse failures, agreement, ...); none by default."""
         return {}
