@@ -1,0 +1,71 @@
+"""Each preference preset runs end to end on the tiny default and logs its metrics (in-process, to keep
+the suite fast; the CLI path is covered by the one-line error test)."""
+
+import math
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from rewardlab.config import register_schemas
+from rewardlab.rollout import Batch
+from rewardlab.run import train
+
+from conftest import read_metrics, run_cli
+
+FAST = ["logger=none", "run.eval_every=2", "run.eval_size=4", "run.prompts_per_iteration=3",
+        "algo.samples_per_prompt=2"]
+FAST_JUDGE = ["reward.judge.samples=1", "reward.judge.max_new_tokens=4"]
+
+
+def run_preset(tmp_path, iterations: int, overrides: list[str]) -> list[dict]:
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*FAST, f"run.iterations={iterations}", *overrides])
+    train(cfg, tmp_path)
+    return read_metrics(tmp_path)
+
+
+@pytest.mark.slow
+def test_self_rewarding_records_judge_failures_and_trains(tiny_policy, tmp_path):
+    rows = run_preset(tmp_path, 1, ["experiment=self_rewarding", *FAST_JUDGE])
+    row = rows[1]
+    # the tiny policy cannot write "Score: n": every row is a parse failure, scored by the fallback rule
+    assert row["judge/parse_failure_rate"] == 1.0 and row["judge/fallback_rate"] == 1.0
+    assert row["pairs/built"] + row["pairs/skipped"] == 3
+    assert row["pairs/built"] == 0 or {"dpo/margins", "dpo/accuracies"} <= set(row)
+
+
+@pytest.mark.slow
+def test_temporal_self_rewarding_anchors_to_the_initial_models_samples(tiny_policy, tmp_path):
+    rows = run_preset(tmp_path, 2, ["experiment=temporal_self_rewarding", *FAST_JUDGE])
+    assert rows[1]["anchors/prompts_sampled"] == 0 and rows[1]["anchors/stored_prompts"] == 3
+    assert rows[2]["anchors/prompts_sampled"] == 3 and rows[2]["anchors/stored_prompts"] == 6
+    for row in rows[1:]:
+        assert row["pairs/built"] + row["pairs/skipped"] == 3 and "judge/parse_failure_rate" in row
+
+
+@pytest.mark.slow
+def test_spin_builds_real_pairs_on_arith(tiny_policy, tmp_path):
+    row = run_preset(tmp_path, 1, ["experiment=spin"])[1]
+    assert row["pairs/built"] >= 1 and row["pairs/built"] + row["pairs/skipped"] == 3
+    assert {"dpo/margins", "dpo/accuracies", "loss", "pairs/rejected_reward"} <= set(row)
+    batch = Batch.load(tmp_path / "rollouts" / "iter_0001.parquet")
+    assert all(s and "####" in s for s in batch.solution)
+
+
+@pytest.mark.slow
+def test_pref_grpo_trains_grpo_on_win_rates(tiny_policy, tmp_path):
+    row = run_preset(tmp_path, 1, ["experiment=pref_grpo", *FAST_JUDGE])[1]
+    assert row["judge/comparisons"] == 3 and "judge/parse_failure_rate" in row and "loss" in row
+    assert 0.0 <= row["reward/mean"] <= 1.0 and math.isfinite(row["reward/pairwise_judge/mean"])
+
+
+@pytest.mark.slow
+def test_judge_without_fallback_on_the_tiny_policy_stops_with_one_line(tiny_policy, tmp_path):
+    result = run_cli("train", *FAST, "run.iterations=1", "algo=dpo", "reward=judge", *FAST_JUDGE,
+                     f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: reward=judge: none of the")
+    assert "Traceback" not in result.stderr
