@@ -6,7 +6,7 @@ import math
 import pytest
 
 from rewardlab.errors import UserError
-from rewardlab.rewards.judge import JudgeReward, LLMJudge, RuleJudge, parse_score, parse_verdict
+from rewardlab.rewards.judge import JudgeModel, JudgeReward, LLMJudge, RuleJudge, parse_score, parse_verdict
 from rewardlab.rollout import Batch
 
 
@@ -57,7 +57,7 @@ class CannedJudge(LLMJudge):
     """An LLM judge whose model outputs are given, to test parsing and aggregation without a model."""
 
     def __init__(self, outputs, samples):
-        super().__init__(__import__("rewardlab.rewards.judge", fromlist=["JudgeModel"]).JudgeModel(samples=samples))
+        super().__init__(JudgeModel(samples=samples))
         self.outputs = outputs
 
     def ask(self, queries):

@@ -4,7 +4,8 @@ and TRL's DPOTrainer trains on them. The reference is the initial model or the p
 What survives across iterations lives in `state_dict()` so a resumed run continues exactly: the number
 of updates, the initial model's samples per prompt (anchored rejection), and the previous update's
 reference weights (CREAM ranks a group with the previous update's implicit reward
-log pi(y)/pi_ref(y); with `reference=initial` that reference is reloaded instead of stored).
+log pi(y)/pi_ref(y); with `reference=initial` that reference is reloaded instead of stored). SPIN needs
+nothing more: its opponent and reference is the model that sampled, i.e. the restored policy.
 CREAM's soft label (lambda * DPO(y+, y-) + (1 - lambda) * DPO(y-, y+)) is the one loss TRL cannot
 weight per pair; `SoftLabelDPOTrainer` derives it from TRL's own one-pair sigmoid loss.
 """

@@ -108,6 +108,8 @@ class PairwiseJudgeReward(Reward):
         samples = [v for row in verdicts for v in row]
         self.stats = {"judge/parse_failure_rate": sum(v is None for v in samples) / max(1, len(samples)),
                       "judge/comparisons": float(len(comparisons))}
+        if isinstance(self.judge, LLMJudge):
+            self.stats["judge/truncated_rate"] = self.judge.truncated / max(1, len(both))
         if decided:
             self.stats["judge/order_agreement"] = agree / decided
         if self.fallback is not None:
