@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from rewardlab import distributed
 from rewardlab.algos import AlgoContext
 from rewardlab.data.base import PromptSampler
+from rewardlab.diagnostics import hacking_metrics
 from rewardlab.errors import UserError
 from rewardlab.evaluation import evaluate
 from rewardlab.io import write_json_atomic, write_text_atomic
@@ -137,6 +138,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                     batch.gold = check(batch.completion, batch.reference, task.answer_format)
                 row.update(batch_metrics(batch))
                 row.update(reward.metrics(batch))
+                row.update(hacking_metrics(batch, task))
                 row["time/score"] = time.perf_counter() - mark
 
                 batch.extra["kept"] = [False] * len(batch)

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -115,7 +115,8 @@ def warm_start(model, tokenizer, spec: TinyBuild, log=print) -> None:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the duration of the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -125,34 +126,48 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_tiny(spec: TinyBuild, log=print) -> Path:
-    """Return the cached tiny model directory, building it first if needed.
+def cached_build(name: str, build: Callable[[Path], None], log=print) -> Path:
+    """Return the cache directory `name`, running `build(tmp_dir)` first if it is not there yet.
 
     Two runs starting at once serialize on a file lock; the build goes to a temporary directory
     renamed into place only when complete, so a killed build never leaves a usable-looking cache.
     """
     root = cache_root()
-    target = root / f"tiny-{spec.key()}"
+    target = root / name
     if (target / "config.json").exists():
         return target
-    with _lock(root / f".tiny-{spec.key()}.lock"):
+    with file_lock(root / f".{name}.lock"):
         if (target / "config.json").exists():
             return target
-        log(f"building the tiny policy (first run only) into {target}")
-        torch.manual_seed(spec.seed)
-        tokenizer = build_tokenizer()
-        model = build_model(spec, tokenizer)
-        warm_start(model, tokenizer, spec, log=log)
-        tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
+        log(f"building {name} (first run only) into {target}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=root))
         try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            config_path = tmp / "tokenizer_config.json"
-            tok_config = json.loads(config_path.read_text())
-            tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-            config_path.write_text(json.dumps(tok_config, indent=2))
-            (tmp / "rewardlab_build.json").write_text(json.dumps(asdict(spec), indent=2))
+            build(tmp)
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def save_char_tokenizer(tokenizer, directory: Path) -> None:
+    """Save the character tokenizer so Auto* loads it back as PreTrainedTokenizerFast (see module doc)."""
+    tokenizer.save_pretrained(directory)
+    config_path = directory / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(tok_config, indent=2))
+
+
+def ensure_tiny(spec: TinyBuild, log=print) -> Path:
+    """Return the cached tiny model directory, building it first if needed."""
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(spec.seed)
+        tokenizer = build_tokenizer()
+        model = build_model(spec, tokenizer)
+        warm_start(model, tokenizer, spec, log=log)
+        model.save_pretrained(tmp)
+        save_char_tokenizer(tokenizer, tmp)
+        (tmp / "rewardlab_build.json").write_text(json.dumps(asdict(spec), indent=2))
+
+    return cached_build(f"tiny-{spec.key()}", build, log=log)

@@ -1,7 +1,9 @@
 """Verifiable rewards: extract the final answer and compare it with the reference.
 
-Integers and plain numbers are compared exactly (after removing thousands separators); anything
-else goes to math-verify, which decides mathematical equivalence (`\\frac{1}{2}` = `0.5`).
+math-verify decides mathematical equivalence (`\\frac{1}{2}` = `0.5`); this layer extracts the answer
+(`#### x`, the last of several `\\boxed{}`, or the last number) and normalizes what math-verify misses
+or over-accepts: `\\text{}` units and trailing unit words, `\\$` and `%` signs (`50\\%` = `50`, not
+`0.5`), degree marks, `x = ` prefixes, unicode minus; plain numbers are then compared exactly.
 """
 
 from __future__ import annotations
@@ -16,16 +18,25 @@ from rewardlab.rollout import Batch
 _HASH = re.compile(r"####\s*([^\n]*)")
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_BARE_BOX = re.compile(r"\s+([^\s$]+)")
+_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_UNIT_WORDS = re.compile(r"^(-?[\d.,/]+)\s*[a-zA-Z][a-zA-Z ]*\.?$")
+_STRIP = (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("{,}", ","),
+          ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""),
+          ("\u2212", "-"), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"))
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if absent."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`), braces balanced; None if absent."""
+    found = list(_BOX.finditer(text))
+    if not found:
         return None
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
+    rest = text[found[-1].end() :]
+    if not rest.lstrip().startswith("{"):
+        bare = _BARE_BOX.match(rest)
+        return bare.group(1) if bare else None
+    brace = found[-1].end() + rest.index("{")
     depth = 0
     for i in range(brace, len(text)):
         if text[i] == "{":
@@ -61,8 +72,19 @@ def extract_answer(text: str, answer_format: str = "auto") -> str | None:
     raise ValueError(f"unknown answer format {answer_format!r}; use hash, boxed, last_number or auto")
 
 
+def normalize_answer(text: str) -> str:
+    """The answer without units, currency, percent and degree signs or an `x =` prefix."""
+    s = text.strip()
+    for old, new in _STRIP:
+        s = s.replace(old, new)
+    s = _TEXT.sub(lambda m: m.group(1), s).strip()
+    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)
+    units = _UNIT_WORDS.match(s)
+    return (units.group(1) if units else s).strip().rstrip(".").strip()
+
+
 def _as_number(text: str) -> Fraction | None:
-    cleaned = _THOUSANDS.sub("", text.strip().strip("$").strip())
+    cleaned = _THOUSANDS.sub("", text.strip())
     cleaned = cleaned.rstrip(".") if cleaned.count(".") == 1 and cleaned.endswith(".") else cleaned
     try:
         return Fraction(cleaned)
@@ -74,6 +96,9 @@ def answers_equal(predicted: str | None, reference: str | None) -> bool:
     """Mathematical equivalence of two final answers; exact for plain numbers."""
     if predicted is None or reference is None:
         return False
+    predicted, reference = normalize_answer(predicted), normalize_answer(reference)
+    if not predicted or not reference:
+        return False
     a, b = _as_number(predicted), _as_number(reference)
     if a is not None and b is not None:
         return a == b
@@ -81,8 +106,7 @@ def answers_equal(predicted: str | None, reference: str | None) -> bool:
         return True
     from math_verify import parse, verify
 
-    gold = parse(reference if "$" in reference else f"${reference}$")
-    pred = parse(predicted if "$" in predicted else f"${predicted}$")
+    gold, pred = parse(f"${reference}$"), parse(f"${predicted}$")
     return bool(gold) and bool(pred) and bool(verify(gold, pred))
 
 

@@ -1,0 +1,55 @@
+"""Reference likelihood (`reward=ref_likelihood`, RLPR): the policy's mean per-token probability of the
+reference answer placed after the completion's own reasoning; no verifier needed.
+
+The reasoning is the completion up to its last `answer_prefix` (the whole completion when it has
+none); then `answer_prefix` + reference are appended and the reference tokens are scored.
+"""
+
+from __future__ import annotations
+
+from rewardlab.config import schema
+from rewardlab.errors import UserError
+from rewardlab.rewards.base import Reward
+from rewardlab.rewards.self_certainty import completion_logits, require_policy
+from rewardlab.rollout import Batch
+
+
+@schema("reward", "ref_likelihood")
+class RefLikelihoodConfig:
+    _target_: str = "rewardlab.rewards.ref_likelihood.RefLikelihoodReward"
+    name: str = "ref_likelihood"
+    answer_prefix: str = "#### "  # what introduces the final answer (arith/GSM8K style)
+    batch_size: int = 32
+
+
+class RefLikelihoodReward(Reward):
+    """Mean probability of the reference answer's tokens given the prompt and the completion's reasoning."""
+
+    needs_policy = True
+
+    def __init__(self, name: str = "ref_likelihood", answer_prefix: str = "#### ", batch_size: int = 32) -> None:
+        super().__init__(name)
+        self.answer_prefix, self.batch_size = answer_prefix, batch_size
+
+    def reasoning(self, completion: str) -> str:
+        """The completion without its own final answer, ending in a newline before the prefix."""
+        marker = self.answer_prefix.strip()
+        cut = completion.rfind(marker) if marker else -1
+        text = completion[:cut] if cut >= 0 else completion
+        return text if not text.strip() or text.endswith("\n") else text + "\n"
+
+    def compute(self, batch: Batch) -> list[float]:
+        require_policy(self)
+        if any(r is None for r in batch.reference):
+            raise UserError("reward=ref_likelihood needs a reference answer for every row")
+        tok = self.policy.tokenizer
+        rows = []
+        for prompt_ids, completion, reference in zip(batch.prompt_ids, batch.completion, batch.reference):
+            context = list(prompt_ids) + tok.encode(self.reasoning(completion) + self.answer_prefix,
+                                                    add_special_tokens=False)
+            rows.append((context, tok.encode(str(reference), add_special_tokens=False)))
+        out = []
+        for (_, target), logits in zip(rows, completion_logits(self.policy, rows, self.batch_size)):
+            probs = logits.softmax(-1).gather(1, logits.new_tensor(target, dtype=int)[:, None].long())
+            out.append(float(probs.mean()))
+        return out
