@@ -1,4 +1,4 @@
-"""`rewardlab`: train, eval, configs. Every Hydra command-line feature passes through to Hydra."""
+"""`rewardlab`: train, eval, score, configs. Every Hydra command-line feature passes through to Hydra."""
 
 from __future__ import annotations
 
@@ -105,6 +105,27 @@ def evaluate(ctx: typer.Context) -> None:
     `rewardlab eval` (the tiny policy on arith), `rewardlab eval policy.path=runs/.../policy run.eval_size=200`.
     """
     _hydra("eval", list(ctx.args), _eval_task)
+
+
+@app.command(context_settings=HYDRA_ARGS)
+def score(ctx: typer.Context, input: Path = typer.Argument(..., help="JSONL file, parquet rollouts or run directory"),
+          output: Path = typer.Option(..., "--output", "-o", help="JSONL file to write")) -> None:
+    """Score completions with any reward: `rewardlab score INPUT reward=... --output OUT`.
+
+    INPUT is a JSONL file of `{prompt, completion[, reference]}` rows (other fields pass through), a
+    parquet rollout file, or a run directory (its rollouts/iter_*.parquet). Each output row has the
+    input's fields, `reward`, and `rewards/<name>` per component. Example:
+    `rewardlab score runs/.../ reward=prm reward.aggregation=last --output prm.jsonl`.
+    """
+    from rewardlab.cli.overrides import validate
+    from rewardlab.config import register_schemas
+    from rewardlab.scoring import score_file
+
+    register_schemas()
+    with user_errors():
+        validate("score", list(ctx.args))
+        count = score_file(input, output, list(ctx.args))
+    typer.echo(f"scored {count} rows: {output}")
 
 
 @app.command()

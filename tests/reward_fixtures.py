@@ -41,3 +41,22 @@ def save_tiny(directory: Path, kind: str, special: list[str] | None = None, num_
     model.save_pretrained(directory)
     save_char_tokenizer(tokenizer, directory)
     return directory
+
+
+class StepReward:
+    """A fake process reward for composition tests: each completion line is a step score; outcome = min."""
+
+    needs_policy = False
+
+    def __init__(self, name: str = "steps") -> None:
+        self.name = name
+
+    def attach(self, policy) -> None: ...
+
+    def metrics(self, batch) -> dict:
+        return {}
+
+    def score(self, batch) -> None:
+        batch.step_rewards = [[float(x) for x in c.split("\n")] for c in batch.completion]
+        batch.rewards[self.name] = [min(s) for s in batch.step_rewards]
+        batch.reward = list(batch.rewards[self.name])

@@ -7,6 +7,8 @@ none); then `answer_prefix` + reference are appended and the reference tokens ar
 
 from __future__ import annotations
 
+import torch
+
 from rewardlab.config import schema
 from rewardlab.errors import UserError
 from rewardlab.rewards.base import Reward
@@ -50,6 +52,6 @@ class RefLikelihoodReward(Reward):
             rows.append((context, tok.encode(str(reference), add_special_tokens=False)))
         out = []
         for (_, target), logits in zip(rows, completion_logits(self.policy, rows, self.batch_size)):
-            probs = logits.softmax(-1).gather(1, logits.new_tensor(target, dtype=int)[:, None].long())
-            out.append(float(probs.mean()))
+            index = torch.tensor(target, device=logits.device)[:, None]
+            out.append(float(logits.softmax(-1).gather(1, index).mean()))
         return out

@@ -1,0 +1,128 @@
+"""`rewardlab score`: score a JSONL file of {prompt, completion[, reference]} rows, or a run's saved
+parquet rollouts, with any reward config; write one JSON row per input with `reward` and one
+`rewards/<name>` per component.
+
+JSONL rows are grouped by prompt text (group rewards such as majority vote see each prompt's rows
+together) and tokenized with the policy's tokenizer; fields other than prompt/completion/reference
+(e.g. `id`) pass through unchanged. Rollouts keep their own groups and token ids.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from rewardlab.errors import UserError
+from rewardlab.io import write_text_atomic
+from rewardlab.rollout import Batch
+
+PASSED_FROM_ROLLOUTS = ("prompt_id", "prompt", "completion", "reference", "gold")
+
+
+@dataclass
+class ScoreRunConfig:
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0
+
+
+@dataclass
+class ScoreConfig:
+    run: ScoreRunConfig = field(default_factory=ScoreRunConfig)
+    policy: Any = None
+    reward: Any = None
+
+
+ConfigStore.instance().store(name="_score_schema", node=ScoreConfig)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number} is not valid JSON ({exc.msg}); one object per line") from exc
+        if not isinstance(row, dict) or "prompt" not in row or "completion" not in row:
+            raise UserError(f"{path}:{number} needs the fields `prompt` and `completion`")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path} has no rows to score")
+    return rows
+
+
+def batch_from_rows(rows: list[dict[str, Any]], tokenizer) -> Batch:
+    """One Batch of JSONL rows, grouped by prompt text, token ids from `tokenizer`."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    return Batch(prompt_id=[r["prompt"] for r in rows], prompt=[r["prompt"] for r in rows],
+                 completion=[r["completion"] for r in rows], prompt_ids=[encode(r["prompt"]) for r in rows],
+                 completion_ids=[encode(r["completion"]) for r in rows], finish_reason=["stop"] * len(rows),
+                 reference=[None if r.get("reference") is None else str(r["reference"]) for r in rows],
+                 solution=[r.get("solution") for r in rows])
+
+
+def rollout_files(path: Path) -> list[Path]:
+    """The parquet files at `path`: the file itself, or a run directory's rollouts/iter_*.parquet."""
+    if path.is_file():
+        return [path]
+    files = sorted((path / "rollouts").glob("iter_*.parquet")) or sorted(path.glob("*.parquet"))
+    if not files:
+        raise UserError(f"{path} has no rollouts (rollouts/iter_*.parquet); give a run directory, a parquet "
+                        f"file or a JSONL file")
+    return files
+
+
+def scored_rows(batch: Batch, passed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for i, fields in enumerate(passed):
+        row = dict(fields, reward=batch.reward[i])
+        row.update({f"rewards/{name}": values[i] for name, values in batch.rewards.items()})
+        if batch.step_rewards is not None:
+            row["step_rewards"] = batch.step_rewards[i]
+        out.append(row)
+    return out
+
+
+def score_file(source: Path, output: Path, overrides: list[str]) -> int:
+    """Score `source` with the reward composed from `overrides`; write JSONL to `output`; return rows."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from rewardlab.run import setup_torch
+
+    if not source.exists():
+        raise UserError(f"{source} does not exist; give a JSONL file, a parquet file or a run directory")
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
+        cfg = compose(config_name="score", overrides=overrides)
+    setup_torch(cfg.run)
+    policy = instantiate(cfg.policy, device=cfg.run.device)
+    reward = instantiate(cfg.reward)
+    reward.attach(policy)
+    results: list[dict[str, Any]] = []
+    if source.suffix in (".jsonl", ".json"):
+        rows = read_jsonl(source)
+        batch = batch_from_rows(rows, policy.tokenizer)
+        reward.score(batch)
+        results = scored_rows(batch, rows)
+    else:
+        for path in rollout_files(source):
+            batch = Batch.load(path)
+            passed = [{"source": path.name, "iteration": batch.iteration,
+                       **{k: getattr(batch, k)[i] for k in PASSED_FROM_ROLLOUTS if getattr(batch, k) is not None}}
+                      for i in range(len(batch))]
+            batch.rewards, batch.reward, batch.step_rewards, batch.extra = {}, None, None, {}
+            reward.score(batch)
+            results += scored_rows(batch, passed)
+    write_text_atomic(output, "".join(json.dumps(r, default=str) + "\n" for r in results))
+    return len(results)
