@@ -7,7 +7,7 @@ import torch
 from reward_fixtures import make_batch, save_tiny
 
 from rewardlab.errors import UserError
-from rewardlab.rewards.prm import PRMReward, aggregate
+from rewardlab.rewards.prm import PRMReward, aggregate_steps
 
 PROMPTS = ["17+5=?\n", "3+4+10=?\n", "1+1=?\n"]
 COMPLETIONS = ["17+5=22\n#### 22", "3+4=7\n7+10=17\n#### 17", ""]
@@ -60,15 +60,15 @@ def test_step_tags_sit_after_each_step(models):
 def test_known_outputs_from_fixed_heads(models):
     """Zeroed heads give exact probabilities: P(+)=1/2, P(positive)=3/4, sigmoid(log 4)=4/5."""
     batch = make_batch(PROMPTS[:2], COMPLETIONS[:2])
-    ms = PRMReward(model=str(models["math_shepherd"]), device="cpu", aggregation="prod")
+    ms = PRMReward(model=str(models["math_shepherd"]), device="cpu", aggregate="prod")
     torch.nn.init.zeros_(ms.model.lm_head.weight)
     assert ms.compute(batch) == pytest.approx([0.25, 0.125])
-    qwen = PRMReward(model=str(models["qwen_prm"]), device="cpu", aggregation="mean")
+    qwen = PRMReward(model=str(models["qwen_prm"]), device="cpu", aggregate="mean")
     torch.nn.init.zeros_(qwen.model.score.weight)
     with torch.no_grad():
         qwen.model.score.bias.copy_(torch.tensor([0.0, math.log(3.0)]))
     assert qwen.compute(batch) == pytest.approx([0.75, 0.75])
-    tc = PRMReward(model=str(models["token_classification"]), device="cpu", aggregation="last")
+    tc = PRMReward(model=str(models["token_classification"]), device="cpu", aggregate="last")
     torch.nn.init.zeros_(tc.model.score.weight)
     with torch.no_grad():
         tc.model.score.bias.fill_(math.log(4.0))
@@ -86,13 +86,13 @@ def test_chat_template_is_applied_for_qwen_format(tmp_path):
     assert len(positions) == 2
 
 
-def test_aggregation():
+def test_aggregate():
     scores = [0.9, 0.2, 0.5]
-    assert aggregate(scores, "min") == 0.2 and aggregate(scores, "last") == 0.5
-    assert aggregate(scores, "prod") == pytest.approx(0.09)
-    assert aggregate(scores, "mean") == pytest.approx(1.6 / 3)
-    with pytest.raises(UserError, match="aggregation"):
-        aggregate(scores, "max")
+    assert aggregate_steps(scores, "min") == 0.2 and aggregate_steps(scores, "last") == 0.5
+    assert aggregate_steps(scores, "prod") == pytest.approx(0.09)
+    assert aggregate_steps(scores, "mean") == pytest.approx(1.6 / 3)
+    with pytest.raises(UserError, match="aggregate"):
+        aggregate_steps(scores, "max")
 
 
 def test_user_errors(models, tmp_path):

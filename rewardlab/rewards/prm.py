@@ -32,10 +32,10 @@ DEFAULT_TAGS = {"math_shepherd": "ки", "qwen_prm": "<extra_0>"}
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def aggregate(scores: list[float], how: str) -> float:
+def aggregate_steps(scores: list[float], how: str) -> float:
     """One number from step scores: `min`, `last`, `prod` or `mean` (0.0 when there are no steps)."""
     if how not in ("min", "last", "prod", "mean"):
-        raise UserError(f"reward.aggregation={how!r} is not one of min, last, prod, mean")
+        raise UserError(f"reward.aggregate={how!r} is not one of min, last, prod, mean")
     if not scores:
         return 0.0
     if how == "min":
@@ -54,7 +54,7 @@ class PRMConfig:
     name: str = "prm"
     model: Optional[str] = None  # local directory or hub id; none: the tiny learned arith PRM
     format: str = "auto"  # auto | math_shepherd | qwen_prm | token_classification
-    aggregation: str = "min"  # min | last | prod | mean
+    aggregate: str = "min"  # min | last | prod | mean
     step_tag: Optional[str] = None  # math_shepherd: ки, qwen_prm: <extra_0> unless set
     good_token: str = "+"
     bad_token: str = "-"
@@ -62,7 +62,7 @@ class PRMConfig:
     device: str = "auto"
     dtype: str = "float32"
     trust_remote_code: bool = False
-    steps: StepSplit = field(default_factory=StepSplit)
+    split: StepSplit = field(default_factory=StepSplit)  # how completions are cut into steps
     tiny: TinyPRMBuild = field(default_factory=TinyPRMBuild)
 
 
@@ -94,9 +94,9 @@ class PRMReward(Reward):
     """Step scores from a process reward model into `batch.step_rewards`; the aggregate into the reward."""
 
     def __init__(self, name: str = "prm", model: str | None = None, format: str = "auto",
-                 aggregation: str = "min", step_tag: str | None = None, good_token: str = "+",
+                 aggregate: str = "min", step_tag: str | None = None, good_token: str = "+",
                  bad_token: str = "-", batch_size: int = 32, device: str = "auto", dtype: str = "float32",
-                 trust_remote_code: bool = False, steps: StepSplit | dict | None = None,
+                 trust_remote_code: bool = False, split: StepSplit | dict | None = None,
                  tiny: TinyPRMBuild | dict | None = None) -> None:
         from transformers import AutoTokenizer
 
@@ -106,11 +106,11 @@ class PRMReward(Reward):
         if format not in ("auto", *FORMATS):
             raise UserError(f"reward.format={format!r} is not a known PRM format; use auto or one of "
                             f"{', '.join(FORMATS)}")
-        aggregate([], aggregation)
+        aggregate_steps([], aggregate)
         if dtype not in _DTYPES:
             raise UserError(f"reward.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
-        self.aggregation, self.batch_size = aggregation, batch_size
-        self.split = steps if isinstance(steps, StepSplit) else StepSplit(**(steps or {}))
+        self.aggregate, self.batch_size = aggregate, batch_size
+        self.split = split if isinstance(split, StepSplit) else StepSplit(**(split or {}))
         if model is None:
             build = tiny if isinstance(tiny, TinyPRMBuild) else TinyPRMBuild(**(tiny or {}))
             model = str(ensure_tiny_prm(build))
@@ -200,4 +200,4 @@ class PRMReward(Reward):
         batch.steps = steps
         batch.step_rewards = scores
         batch.extra[f"{self.name}/step_scores"] = [list(s) for s in scores]
-        return [aggregate(s, self.aggregation) for s in scores]
+        return [aggregate_steps(s, self.aggregate) for s in scores]
