@@ -98,8 +98,10 @@ def score_file(source: Path, output: Path, overrides: list[str]) -> int:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
+    from rewardlab.config import register_schemas
     from rewardlab.run import setup_torch
 
+    register_schemas()
     if not source.exists():
         raise UserError(f"{source} does not exist; give a JSONL file, a parquet file or a run directory")
     GlobalHydra.instance().clear()

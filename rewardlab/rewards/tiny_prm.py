@@ -50,12 +50,12 @@ def check_arith_steps(steps: list[str]) -> list[float]:
 class TinyPRMBuild:
     """What determines the tiny PRM's weights; its hash is the cache key."""
 
-    prompts: int = 256  # arith train prompts the tiny policy samples for
+    prompts: int = 128  # arith train prompts the tiny policy samples for
     samples_per_prompt: int = 2
-    perturbed: int = 512  # reference solutions with one step's result changed
-    train_steps: int = 400
+    perturbed: int = 256  # reference solutions with one step's result changed
+    train_steps: int = 200
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     temperature: float = 1.0
     seed: int = 0
     policy: TinyBuild = field(default_factory=TinyBuild)
