@@ -60,6 +60,10 @@ class TinyPRMBuild:
     seed: int = 0
     policy: TinyBuild = field(default_factory=TinyBuild)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, TinyBuild):  # a mapping, as Hydra passes nested settings
+            self.policy = TinyBuild(**self.policy)
+
     def key(self) -> str:
         blob = json.dumps({"v": BUILD_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
