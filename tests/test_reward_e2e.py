@@ -1,33 +1,22 @@
 """End to end: training on a PRM and on the PURE-style composite, then re-scoring the saved rollouts."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import SMALL_RUN, read_metrics, run_cli
 
 from rewardlab.cli.main import _user_error_in
 from rewardlab.errors import UserError
 from rewardlab.rollout import Batch
 from rewardlab.scoring import score_file
 
-SMALL = ["logger=none", "run.iterations=2", "run.eval_size=20", "run.prompts_per_iteration=4", "run.eval_every=2"]
-
-
-def rewardlab(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rewardlab", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.mark.slow
 def test_grpo_on_the_default_prm_logs_diagnostics(tmp_path):
     run = tmp_path / "prm"
-    done = rewardlab("train", "algo=grpo", "reward=prm", *SMALL, f"hydra.run.dir={run}")
+    done = run_cli("train", "algo=grpo", "reward=prm", *SMALL_RUN, f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
-    row = metrics(run)[1]
+    row = read_metrics(run)[1]
     for key in ("reward/prm/mean", "gold/accuracy", "diag/reward_gold_corr", "diag/reward_length_corr",
                 "diag/exploit_best_of_k", "diag/exploit_random", "diag/explore_distinct_correct",
                 "diag/prm/step_agreement", "groups/zero_variance"):
@@ -40,11 +29,11 @@ def test_grpo_on_the_default_prm_logs_diagnostics(tmp_path):
 @pytest.mark.slow
 def test_composite_prm_plus_verifiable_then_rescore(tmp_path):
     run = tmp_path / "pure"
-    done = rewardlab("train", "reward=composite", *SMALL, f"hydra.run.dir={run}")
+    done = run_cli("train", "reward=composite", *SMALL_RUN, f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "reward/prm/mean" in metrics(run)[1] and "reward/verifiable/mean" in metrics(run)[1]
+    assert "reward/prm/mean" in read_metrics(run)[1] and "reward/verifiable/mean" in read_metrics(run)[1]
     out = tmp_path / "rescored.jsonl"
-    done = rewardlab("score", str(run), "reward=composite", "--output", str(out))
+    done = run_cli("score", str(run), "reward=composite", "--output", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     saved = [Batch.load(p) for p in sorted((run / "rollouts").glob("iter_*.parquet"))]
@@ -77,6 +66,6 @@ def test_score_user_mistakes(tmp_path):
     assert "not a known PRM format" in str(_user_error_in(raised.value))
     with pytest.raises(UserError, match="has no rollouts"):
         score_file(tmp_path, out, [])
-    done = rewardlab("score", str(tmp_path / "missing.jsonl"), "--output", str(out))
+    done = run_cli("score", str(tmp_path / "missing.jsonl"), "--output", str(out))
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'missing.jsonl'} does not exist; give a JSONL file, a parquet file or a run directory"]

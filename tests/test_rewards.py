@@ -51,7 +51,7 @@ def test_bleu_against_reference_response():
 
 
 @pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory):
+def random_lm(tmp_path_factory):
     path = save_tiny(tmp_path_factory.mktemp("lm") / "lm", "causal")
     from transformers import AutoModelForCausalLM
 
@@ -59,41 +59,41 @@ def tiny_policy(tmp_path_factory):
                   source=str(path), device=torch.device("cpu"))
 
 
-def test_self_certainty_is_zero_for_uniform_and_matches_the_formula(tiny_policy):
-    tok = tiny_policy.tokenizer
+def test_self_certainty_is_zero_for_uniform_and_matches_the_formula(random_lm):
+    tok = random_lm.tokenizer
     batch = make_batch(["1+1=?\n", "2+3=?\n"], ["1+1=2\n#### 2", "#### 5"], tokenizer=tok)
     reward = SelfCertaintyReward(batch_size=1)
     with pytest.raises(UserError, match="policy"):
         reward.compute(batch)
-    reward.attach(tiny_policy)
+    reward.attach(random_lm)
     values = reward.compute(batch)
     ids = torch.tensor([batch.prompt_ids[0] + batch.completion_ids[0]])
     with torch.no_grad():
-        logp = tiny_policy.model(input_ids=ids).logits[0].log_softmax(-1)
+        logp = random_lm.model(input_ids=ids).logits[0].log_softmax(-1)
     n_prompt, vocab = len(batch.prompt_ids[0]), logp.shape[-1]
     per_token = [-math.log(vocab) - float(logp[t].mean()) for t in range(n_prompt - 1, ids.shape[1] - 1)]
     assert values[0] == pytest.approx(sum(per_token) / len(per_token), abs=1e-6)
     assert all(v > 0 for v in values)
-    saved = tiny_policy.model.lm_head.weight.detach().clone()
-    torch.nn.init.zeros_(tiny_policy.model.lm_head.weight)
+    saved = random_lm.model.lm_head.weight.detach().clone()
+    torch.nn.init.zeros_(random_lm.model.lm_head.weight)
     try:
         assert reward.compute(batch) == pytest.approx([0.0, 0.0], abs=1e-6)  # uniform: KL(U||U) = 0
     finally:
         with torch.no_grad():
-            tiny_policy.model.lm_head.weight.copy_(saved)
+            random_lm.model.lm_head.weight.copy_(saved)
 
 
-def test_ref_likelihood(tiny_policy):
+def test_ref_likelihood(random_lm):
     reward = RefLikelihoodReward()
     assert reward.reasoning("1+1=2\n#### 2") == "1+1=2\n"
     assert reward.reasoning("1+1=2") == "1+1=2\n"
-    tok = tiny_policy.tokenizer
+    tok = random_lm.tokenizer
     batch = make_batch(["1+1=?\n"], ["1+1=3\n#### 3"], references=["2"], tokenizer=tok)
-    reward.attach(tiny_policy)
+    reward.attach(random_lm)
     context = batch.prompt_ids[0] + tok.encode("1+1=3\n#### ", add_special_tokens=False)
     target = tok.encode("2", add_special_tokens=False)
     with torch.no_grad():
-        probs = tiny_policy.model(input_ids=torch.tensor([context + target])).logits[0, -2].softmax(-1)
+        probs = random_lm.model(input_ids=torch.tensor([context + target])).logits[0, -2].softmax(-1)
     assert reward.compute(batch) == pytest.approx([float(probs[target[0]])], rel=1e-5)
     with pytest.raises(UserError, match="reference"):
         reward.compute(make_batch(["p"], ["c"], tokenizer=tok))
