@@ -12,15 +12,18 @@ from rewardlab.scoring import score_file
 
 
 @pytest.mark.slow
-def test_grpo_on_the_default_prm_logs_diagnostics(tmp_path):
+def test_grpo_on_the_default_prm_logs_diagnostics_to_metrics_and_wandb(tmp_path):
     run = tmp_path / "prm"
-    done = run_cli("train", "algo=grpo", "reward=prm", *SMALL_RUN, f"hydra.run.dir={run}")
+    small = [a for a in SMALL_RUN if not a.startswith("logger=")]
+    done = run_cli("train", "algo=grpo", "reward=prm", *small, "logger=wandb", f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr[-2000:]
     row = read_metrics(run)[1]
+    wandb_log = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
     for key in ("reward/prm/mean", "gold/accuracy", "diag/reward_gold_corr", "diag/reward_length_corr",
                 "diag/exploit_best_of_k", "diag/exploit_random", "diag/explore_distinct_correct",
                 "diag/prm/step_agreement", "groups/zero_variance"):
         assert key in row, key
+        assert key.encode() in wandb_log, f"{key} not logged to W&B"  # history keys are stored as text
     assert 0.0 <= row["diag/prm/step_agreement"] <= 1.0
     batch = Batch.load(run / "rollouts" / "iter_0001.parquet")
     assert batch.step_rewards is not None and len(batch.step_rewards) == len(batch)
