@@ -46,8 +46,6 @@ def save_tiny(directory: Path, kind: str, special: list[str] | None = None, num_
 class StepReward:
     """A fake process reward for composition tests: each completion line is a step score; outcome = min."""
 
-    needs_policy = False
-
     def __init__(self, name: str = "steps") -> None:
         self.name = name
 

@@ -10,14 +10,12 @@ from rewardlab.rollout import Batch
 class Reward(ABC):
     """A named reward component. Rewards see the whole batch (some need the group or a model)."""
 
-    needs_policy = False  # True for rewards that read the policy's own model (self-certainty, RLPR)
-
     def __init__(self, name: str) -> None:
         self.name = name
         self.policy = None
 
     def attach(self, policy) -> None:
-        """Give the reward the policy being trained; rewards with `needs_policy` read its model."""
+        """Give the reward the policy being trained (self-certainty and RLPR read its logits)."""
         self.policy = policy
 
     @abstractmethod

@@ -152,7 +152,6 @@ class CompositeReward(Reward):
         if not components:
             raise UserError("reward=composite needs at least one component: reward.components.<name>.reward=...")
         self.components = [Component(n, c) for n, c in components.items()]
-        self.needs_policy = any(m.needs_policy for c in self.components for m in c.members)
 
     def attach(self, policy) -> None:
         super().attach(policy)

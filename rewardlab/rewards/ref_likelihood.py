@@ -27,8 +27,6 @@ class RefLikelihoodConfig:
 class RefLikelihoodReward(Reward):
     """Mean probability of the reference answer's tokens given the prompt and the completion's reasoning."""
 
-    needs_policy = True
-
     def __init__(self, name: str = "ref_likelihood", answer_prefix: str = "#### ", batch_size: int = 32) -> None:
         super().__init__(name)
         self.answer_prefix, self.batch_size = answer_prefix, batch_size

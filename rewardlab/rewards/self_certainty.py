@@ -50,8 +50,6 @@ class SelfCertaintyConfig:
 class SelfCertaintyReward(Reward):
     """Mean over completion tokens of KL(uniform ‖ p_t) under the current policy (0 for empty completions)."""
 
-    needs_policy = True
-
     def __init__(self, name: str = "self_certainty", batch_size: int = 32) -> None:
         super().__init__(name)
         self.batch_size = batch_size
