@@ -115,7 +115,7 @@ def score(ctx: typer.Context, input: Path = typer.Argument(..., help="JSONL file
     INPUT is a JSONL file of `{prompt, completion[, reference]}` rows (other fields pass through), a
     parquet rollout file, or a run directory (its rollouts/iter_*.parquet). Each output row has the
     input's fields, `reward`, and `rewards/<name>` per component. Example:
-    `rewardlab score runs/.../ reward=prm reward.aggregation=last --output prm.jsonl`.
+    `rewardlab score runs/.../ reward=prm reward.aggregate=last --output prm.jsonl`.
     """
     from rewardlab.cli.overrides import validate
     from rewardlab.config import register_schemas

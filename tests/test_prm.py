@@ -101,6 +101,6 @@ def test_user_errors(models, tmp_path):
     with pytest.raises(UserError, match="cannot tell the PRM format"):
         PRMReward(model=str(models["sequence"]), device="cpu")
     with pytest.raises(UserError, match="step_tag"):
-        PRMReward(model=str(models["math_shepherd"]), step_tag="two tokens", device="cpu")
+        PRMReward(model=str(models["math_shepherd"]), step_tag="", device="cpu")
     with pytest.raises(UserError, match="cannot be loaded"):
         PRMReward(model=str(tmp_path / "missing"), device="cpu")

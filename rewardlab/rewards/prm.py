@@ -129,11 +129,12 @@ class PRMReward(Reward):
             self.candidates = [self._token_id(good_token, "good_token"), self._token_id(bad_token, "bad_token")]
 
     def _token_id(self, text: str, what: str) -> int:
+        """The id of `text`'s last token, as Math-Shepherd's reference code picks its tag and candidates."""
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) != 1:
-            raise UserError(f"reward.{what}={text!r} is not a single token of {self.source}'s tokenizer; "
+        if not ids:
+            raise UserError(f"reward.{what}={text!r} encodes to no token with {self.source}'s tokenizer; "
                             f"set reward.{what} to the model's own token")
-        return ids[0]
+        return ids[-1]
 
     def _load(self, source: str, architectures: list[str], dtype: torch.dtype, trust_remote_code: bool):
         from transformers import AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
