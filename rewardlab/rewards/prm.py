@@ -122,7 +122,7 @@ class PRMReward(Reward):
         self.model = self._load(model, architectures, _DTYPES[dtype], trust_remote_code).to(self.device).eval()
         self.tag_id = None
         if self.format in DEFAULT_TAGS:
-            tag = step_tag or DEFAULT_TAGS[self.format]
+            tag = DEFAULT_TAGS[self.format] if step_tag is None else step_tag
             self.tag_id = self._token_id(tag, "step_tag")
             self.tag = tag
         if self.format == "math_shepherd":
