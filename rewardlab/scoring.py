@@ -110,7 +110,7 @@ def score_file(source: Path, output: Path, overrides: list[str]) -> int:
     setup_torch(cfg.run)
     policy = instantiate(cfg.policy, device=cfg.run.device)
     reward = instantiate(cfg.reward)
-    reward.attach(policy)
+    reward.bind(policy)
     results: list[dict[str, Any]] = []
     if source.suffix in (".jsonl", ".json"):
         rows = read_jsonl(source)

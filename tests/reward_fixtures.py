@@ -49,7 +49,7 @@ class StepReward:
     def __init__(self, name: str = "steps") -> None:
         self.name = name
 
-    def attach(self, policy) -> None: ...
+    def bind(self, policy) -> None: ...
 
     def metrics(self, batch) -> dict:
         return {}

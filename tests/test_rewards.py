@@ -65,7 +65,7 @@ def test_self_certainty_is_zero_for_uniform_and_matches_the_formula(random_lm):
     reward = SelfCertaintyReward(batch_size=1)
     with pytest.raises(UserError, match="policy"):
         reward.compute(batch)
-    reward.attach(random_lm)
+    reward.bind(random_lm)
     values = reward.compute(batch)
     ids = torch.tensor([batch.prompt_ids[0] + batch.completion_ids[0]])
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_ref_likelihood(random_lm):
     assert reward.reasoning("1+1=2") == "1+1=2\n"
     tok = random_lm.tokenizer
     batch = make_batch(["1+1=?\n"], ["1+1=3\n#### 3"], references=["2"], tokenizer=tok)
-    reward.attach(random_lm)
+    reward.bind(random_lm)
     context = batch.prompt_ids[0] + tok.encode("1+1=3\n#### ", add_special_tokens=False)
     target = tok.encode("2", add_special_tokens=False)
     with torch.no_grad():

@@ -12,11 +12,6 @@ class Reward(ABC):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.policy = None
-
-    def attach(self, policy) -> None:
-        """Give the reward the policy being trained (self-certainty and RLPR read its logits)."""
-        self.policy = policy
 
     @abstractmethod
     def compute(self, batch: Batch) -> list[float]:

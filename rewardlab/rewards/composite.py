@@ -153,11 +153,10 @@ class CompositeReward(Reward):
             raise UserError("reward=composite needs at least one component: reward.components.<name>.reward=...")
         self.components = [Component(n, c) for n, c in components.items()]
 
-    def attach(self, policy) -> None:
-        super().attach(policy)
+    def bind(self, policy) -> None:
         for component in self.components:
             for member in component.members:
-                member.attach(policy)
+                member.bind(policy)
 
     def compute(self, batch: Batch) -> list[float]:
         total = [0.0] * len(batch)

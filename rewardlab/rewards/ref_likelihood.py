@@ -29,7 +29,10 @@ class RefLikelihoodReward(Reward):
 
     def __init__(self, name: str = "ref_likelihood", answer_prefix: str = "#### ", batch_size: int = 32) -> None:
         super().__init__(name)
-        self.answer_prefix, self.batch_size = answer_prefix, batch_size
+        self.answer_prefix, self.batch_size, self.policy = answer_prefix, batch_size, None
+
+    def bind(self, policy) -> None:
+        self.policy = policy
 
     def reasoning(self, completion: str) -> str:
         """The completion without its own final answer, ending in a newline before the prefix."""

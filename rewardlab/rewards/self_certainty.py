@@ -35,8 +35,9 @@ def completion_logits(policy, rows: list[tuple[list[int], list[int]]], batch_siz
 
 
 def require_policy(reward: Reward) -> None:
+    """Rewards that read the policy's logits fail clearly when scored without one."""
     if reward.policy is None:
-        raise UserError(f"reward {reward.name} reads the policy's logits but none was attached; "
+        raise UserError(f"reward {reward.name} reads the policy's logits but none was bound; "
                         f"score it inside a run or with `rewardlab score ... policy=...`")
 
 
@@ -52,7 +53,10 @@ class SelfCertaintyReward(Reward):
 
     def __init__(self, name: str = "self_certainty", batch_size: int = 32) -> None:
         super().__init__(name)
-        self.batch_size = batch_size
+        self.batch_size, self.policy = batch_size, None
+
+    def bind(self, policy) -> None:
+        self.policy = policy
 
     def compute(self, batch: Batch) -> list[float]:
         require_policy(self)
