@@ -1,10 +1,19 @@
 """Filters: what is kept between scoring and the update. Each is `Filter(batch) -> Batch` and
-reports what it dropped through `last_metrics`."""
+reports what it did through `last_metrics`.
+
+Filters run in the order of their `order` (then config order): reward shaping (overlong penalty) first,
+then row drops (non-finite rewards), then group drops (zero variance, dynamic sampling), so group
+decisions see the final rewards. `DynamicSampling` also tells the loop to sample more prompts until
+the batch is full (rewardlab.sampling.collect).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
+from rewardlab.config import schema
+from rewardlab.errors import UserError
 from rewardlab.rollout import Batch
 
 
@@ -12,6 +21,7 @@ class Filter:
     """Base class: subclasses implement `keep(batch) -> list[int]`."""
 
     name = "filter"
+    order = 10
 
     def __init__(self) -> None:
         self.last_metrics: dict[str, float] = {}
@@ -38,6 +48,7 @@ class DropZeroVarianceGroups(Filter):
     """Drops groups whose rewards are all equal: they carry no signal for group-relative advantages."""
 
     name = "zero_variance"
+    order = 20
 
     def keep(self, batch: Batch) -> list[int]:
         out: list[int] = []
@@ -45,3 +56,62 @@ class DropZeroVarianceGroups(Filter):
             if len({batch.reward[i] for i in rows}) > 1:
                 out.extend(rows)
         return out
+
+
+@schema("filter", "dynamic_sampling")
+class DynamicSamplingConfig:
+    _target_: str = "rewardlab.filters.DynamicSampling"
+    max_rounds: int = 4  # generate-and-score rounds per iteration at most (the first included)
+
+
+class DynamicSampling(DropZeroVarianceGroups):
+    """DAPO dynamic sampling: drop groups whose rewards are all equal, and have the loop sample more
+    prompts until `run.prompts_per_iteration` groups are kept, in at most `max_rounds` rounds."""
+
+    name = "dynamic_sampling"
+
+    def __init__(self, max_rounds: int = 4) -> None:
+        super().__init__()
+        if max_rounds < 1:
+            raise UserError(f"filters.dynamic_sampling.max_rounds={max_rounds} must be at least 1")
+        self.max_rounds = max_rounds
+
+
+@schema("filter", "overlong")
+class OverlongConfig:
+    _target_: str = "rewardlab.filters.OverlongPenalty"
+    max_length: int = 48  # L_max in tokens (the preset sets it to generation.sampling.max_new_tokens)
+    cache: int = 8  # L_cache: the penalty ramps linearly over the last `cache` tokens
+    column: Optional[str] = "overlong"  # reward column the penalty is recorded in
+
+
+class OverlongPenalty(Filter):
+    """DAPO's overlong penalty, added to the reward: 0 up to L_max - L_cache tokens, then linear down to
+    -1 at L_max, and -1 beyond. Keeps every row."""
+
+    name = "overlong"
+    order = 0
+
+    def __init__(self, max_length: int = 48, cache: int = 8, column: str | None = "overlong") -> None:
+        super().__init__()
+        if not 0 < cache <= max_length:
+            raise UserError(f"filters.overlong needs 0 < cache <= max_length, got cache={cache}, "
+                            f"max_length={max_length}")
+        self.max_length, self.cache, self.column = max_length, cache, column
+
+    def penalty(self, length: int) -> float:
+        free = self.max_length - self.cache
+        if length <= free:
+            return 0.0
+        if length <= self.max_length:
+            return (free - length) / self.cache
+        return -1.0
+
+    def __call__(self, batch: Batch) -> Batch:
+        penalties = [self.penalty(len(ids)) for ids in batch.completion_ids]
+        batch.reward = [r + p for r, p in zip(batch.reward, penalties)]
+        if self.column:
+            batch.rewards[self.column] = penalties
+        self.last_metrics = {f"filter/{self.name}/penalized": sum(p < 0 for p in penalties) / max(len(batch), 1),
+                             f"filter/{self.name}/mean": sum(penalties) / max(len(batch), 1)}
+        return batch

@@ -27,6 +27,8 @@ from rewardlab.evaluation import evaluate
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.rewards.verifiable import check
 from rewardlab.rollout import Batch
+from rewardlab.sampling import collect
+from rewardlab.steps import process_metrics
 from rewardlab.tracking import MetricsFile, NullLogger, ProgressDisplay, console, write_summary
 
 
@@ -106,6 +108,20 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     metrics = MetricsFile(run_dir / "metrics.jsonl", resume_from=start)
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.run.name or run_dir.name)
 
+    def rollouts(prompts: list, iteration: int, row: dict[str, Any]) -> Batch:
+        """Generate and score completions for `prompts` (gold too, when references exist); time both."""
+        mark = time.perf_counter()
+        batch = generator.generate(prompts, n=algo.samples_per_prompt)
+        batch.iteration = iteration
+        row["time/generate"] = row.get("time/generate", 0.0) + time.perf_counter() - mark
+        progress.stage(iteration, "score")
+        mark = time.perf_counter()
+        reward.score(batch)
+        if batch.has_references():
+            batch.gold = check(batch.completion, batch.reference, task.answer_format)
+        row["time/score"] = row.get("time/score", 0.0) + time.perf_counter() - mark
+        return batch
+
     def run_eval() -> dict[str, float]:
         began = time.perf_counter()
         out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples)
@@ -127,27 +143,14 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
                 progress.stage(iteration, "generate")
                 prompts = distributed.shard(sampler.sample(cfg.run.prompts_per_iteration), dist.rank, dist.world_size)
-                batch = generator.generate(prompts, n=algo.samples_per_prompt)
-                batch.iteration = iteration
-                row["time/generate"] = time.perf_counter() - began
-
-                progress.stage(iteration, "score")
-                mark = time.perf_counter()
-                reward.score(batch)
-                if batch.has_references():
-                    batch.gold = check(batch.completion, batch.reference, task.answer_format)
+                batch = rollouts(prompts, iteration, row)
+                batch, kept, filter_metrics = collect(
+                    batch, filters, lambda n: rollouts(sampler.sample(n), iteration, row), len(prompts))
                 row.update(batch_metrics(batch))
                 row.update(reward.metrics(batch))
                 row.update(hacking_metrics(batch, task))
-                row["time/score"] = time.perf_counter() - mark
-
-                batch.extra["kept"] = [False] * len(batch)
-                batch.extra["row"] = list(range(len(batch)))
-                kept = batch
-                for f in filters:
-                    kept = f(kept)
-                    row.update(f.last_metrics)
-                row["filter/kept_fraction"] = len(kept) / len(batch)
+                row.update(process_metrics(batch))
+                row.update(filter_metrics)
 
                 progress.stage(iteration, "update")
                 mark = time.perf_counter()

@@ -1,27 +1,32 @@
-"""Native policy-gradient update (GRPO family), written here because TRL's GRPOTrainer owns its own
-generation loop and has no step-level credit.
+"""Native policy-gradient update (GRPO family, RLOO, REINFORCE++, process credit), written here because
+TRL's GRPOTrainer owns its own generation loop and has no step-level credit.
 
-Per token t of completion i: ratio rho = pi/pi_old, loss = -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)
-+ beta * KL_t with the k3 estimator KL_t = pi_ref/pi - log(pi_ref/pi) - 1, aggregated by `loss_agg`:
-`sequence_mean` (mean over each sequence's tokens, then sequences), `token_mean` (all tokens of the
-minibatch), `constant` (sum / (max_new_tokens * sequences), Dr. GRPO). Log-probs use logits / temperature,
-the same distribution the generator sampled from.
+The loss pieces live in losses.py, the advantage estimators in advantages.py. `credit` chooses how the
+reward reaches the tokens: `outcome` (one advantage per completion from the `advantage` estimator),
+`sum` (GRPO process supervision over `batch.step_rewards`, with advantage=grpo) or `min` (PURE, with
+advantage=rloo). An optional outcome column (`outcome`) is added at the last token for process credit.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from rewardlab.algos import AlgoContext
-from rewardlab.algos.advantages import ESTIMATORS
+from rewardlab.algos.advantages import ESTIMATORS, process
+from rewardlab.algos.losses import Tensors, aggregate, clipped_loss, to_tensors, token_logprobs
 from rewardlab.config import schema
 from rewardlab.distributed import all_reduce_gradients
 from rewardlab.errors import UserError
 from rewardlab.rollout import Batch
+from rewardlab.steps import step_char_ends, step_token_ends
+
+CREDIT_BASELINE = {"sum": "grpo", "min": "rloo"}  # the baseline each step-level credit form is defined with
+LOSS_AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @schema("algo", "pg")
@@ -29,7 +34,11 @@ from rewardlab.rollout import Batch
 class PGConfig:
     _target_: str = "rewardlab.algos.pg.PolicyGradient"
     samples_per_prompt: int = 8
-    advantage: str = "grpo"
+    advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp
+    credit: str = "outcome"  # outcome | sum (process, GRPO paper) | min (process, PURE)
+    step_temperature: float = 0.1  # PURE's softmax temperature T for credit=min
+    outcome: Optional[str] = None  # process credit: a batch.rewards column added at the last token
+    outcome_weight: float = 1.0
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
@@ -45,77 +54,28 @@ class PGConfig:
     lr_warmup_iterations: int = 0
 
 
-@dataclass
-class Tensors:
-    """A batch as padded tensors: [left-padded prompt | right-padded completion]."""
-
-    input_ids: torch.Tensor  # (N, P + C)
-    attention_mask: torch.Tensor  # (N, P + C)
-    position_ids: torch.Tensor  # (N, P + C)
-    completion_mask: torch.Tensor  # (N, C) 1 on completion tokens
-    completion_width: int
-
-
-def to_tensors(batch: Batch, pad_id: int, device: torch.device) -> Tensors:
-    P = max(len(p) for p in batch.prompt_ids)
-    C = max(1, max(len(c) for c in batch.completion_ids))
-    ids, attn, cmask = [], [], []
-    for p, c in zip(batch.prompt_ids, batch.completion_ids):
-        left, right = P - len(p), C - len(c)
-        ids.append([pad_id] * left + p + c + [pad_id] * right)
-        attn.append([0] * left + [1] * (len(p) + len(c)) + [0] * right)
-        cmask.append([1] * len(c) + [0] * right)
-    input_ids = torch.tensor(ids, device=device)
-    attention = torch.tensor(attn, device=device)
-    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    return Tensors(input_ids, attention, positions, torch.tensor(cmask, device=device, dtype=torch.float), C)
+def check_settings(cfg: PGConfig) -> None:
+    """Reject unknown names and undefined combinations up front, with the fix."""
+    if cfg.advantage not in ESTIMATORS:
+        raise UserError(f"algo.advantage={cfg.advantage!r} is not one of {sorted(ESTIMATORS)}")
+    if cfg.credit != "outcome":
+        if cfg.credit not in CREDIT_BASELINE:
+            raise UserError(f"algo.credit={cfg.credit!r} is not one of outcome, sum, min")
+        if cfg.advantage != CREDIT_BASELINE[cfg.credit]:
+            raise UserError(f"algo.credit={cfg.credit} is defined with algo.advantage={CREDIT_BASELINE[cfg.credit]} "
+                            f"(sum: GRPO's step normalization; min: PURE's RLOO baseline), not {cfg.advantage}")
+    elif cfg.outcome is not None:
+        raise UserError("algo.outcome adds an outcome reward to process credit; set algo.credit=sum or min")
+    if cfg.loss_agg not in LOSS_AGGREGATIONS:
+        raise UserError(f"algo.loss_agg={cfg.loss_agg!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"algo.lr_schedule={cfg.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
 
 
-def token_logprobs(model, t: Tensors, rows: torch.Tensor | slice, temperature: float,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (n, C) of the completion tokens under `model`, and optionally per-token entropy."""
-    C = t.completion_width
-    out = model(input_ids=t.input_ids[rows], attention_mask=t.attention_mask[rows],
-                position_ids=t.position_ids[rows], logits_to_keep=C + 1)
-    logits = out.logits[:, :-1].float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    targets = t.input_ids[rows][:, -C:]
-    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logps, entropy
-
-
-def clipped_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                 eps_low: float, eps_high: float, beta: float = 0.0, ref_logps: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss (n, C) and per-token diagnostics; advantages are (n,) or (n, C)."""
-    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logps)
-    ratio = torch.exp(logps - old_logps)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
-    loss = -torch.min(unclipped, clipped)
-    stats = {"clipped": (((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))).float()}
-    if beta > 0 and ref_logps is not None:
-        delta = ref_logps - logps
-        kl = torch.exp(delta) - delta - 1
-        loss = loss + beta * kl
-        stats["kl"] = kl.detach()
-    return loss * mask, stats
-
-
-def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, how: str, n_seqs: int, n_tokens: float,
-              max_new_tokens: int) -> torch.Tensor:
-    """This micro-batch's share of the minibatch loss, so accumulated gradients equal the full loss's."""
-    if how == "sequence_mean":
-        return (token_loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seqs
-    if how == "token_mean":
-        return token_loss.sum() / max(n_tokens, 1.0)
-    if how == "constant":
-        return token_loss.sum() / (max_new_tokens * n_seqs)
-    raise UserError(f"algo.loss_agg={how!r} is not one of sequence_mean, token_mean, constant")
+def step_positions(batch: Batch, tokenizer) -> list[list[int]]:
+    """Per row, the token index of each step's last token (batch.steps located in the completion text)."""
+    return [step_token_ends(tokenizer, ids, step_char_ends(text, steps)) if steps else []
+            for ids, text, steps in zip(batch.completion_ids, batch.completion, batch.steps)]
 
 
 class PolicyGradient:
@@ -124,8 +84,7 @@ class PolicyGradient:
     def __init__(self, context: AlgoContext | None = None, **settings: Any) -> None:
         context = context or AlgoContext()
         self.cfg = PGConfig(**{k: v for k, v in settings.items() if k != "_target_"})
-        if self.cfg.advantage not in ESTIMATORS:
-            raise UserError(f"algo.advantage={self.cfg.advantage!r} is not one of {sorted(ESTIMATORS)}")
+        check_settings(self.cfg)
         self.samples_per_prompt = self.cfg.samples_per_prompt
         self.temperature, self.max_new_tokens = context.temperature, context.max_new_tokens
         self.total_iterations = context.total_iterations
@@ -165,20 +124,44 @@ class PolicyGradient:
         return 1.0
 
     # ---- the update ----------------------------------------------------------------------------
-    def advantages(self, batch: Batch) -> torch.Tensor:
+    def advantages(self, batch: Batch, tokenizer=None) -> torch.Tensor:
+        """(N,) per-completion advantages for outcome credit, (N, C) per-token ones for process credit."""
         index = {pid: i for i, pid in enumerate(batch.groups())}
         groups = torch.tensor([index[p] for p in batch.prompt_id])
-        rewards = torch.tensor(batch.reward, dtype=torch.float64)
-        return ESTIMATORS[self.cfg.advantage](rewards, groups).float()
+        if self.cfg.credit == "outcome":
+            rewards = torch.tensor(batch.reward, dtype=torch.float64)
+            return ESTIMATORS[self.cfg.advantage](rewards, groups).float()
+        if batch.step_rewards is None or batch.steps is None:
+            raise UserError(f"algo.credit={self.cfg.credit} needs a process reward (one that writes step_rewards, "
+                            f"e.g. reward=arith_steps); use algo.credit=outcome for this reward")
+        for steps, scores in zip(batch.steps, batch.step_rewards):
+            if len(steps) != len(scores):
+                raise UserError(f"the process reward gave {len(scores)} scores for {len(steps)} steps; "
+                                f"it must score every step in batch.steps")
+        outcome = None
+        if self.cfg.outcome is not None:
+            if self.cfg.outcome not in batch.rewards:
+                raise UserError(f"algo.outcome={self.cfg.outcome!r} is not a reward column; "
+                                f"columns: {', '.join(batch.rewards) or 'none'}")
+            outcome = torch.tensor(batch.rewards[self.cfg.outcome], dtype=torch.float64)
+        lengths = torch.tensor([len(c) for c in batch.completion_ids])
+        return process(batch.step_rewards, step_positions(batch, tokenizer), lengths, groups, self.cfg.credit,
+                       self.cfg.step_temperature, outcome, self.cfg.outcome_weight).float()
 
     def update(self, policy, batch: Batch) -> dict[str, float]:
         self.setup(policy)
         cfg, model, device = self.cfg, policy.model, policy.device
-        adv = self.advantages(batch)
-        batch.advantages = adv.tolist()
+        adv = self.advantages(batch, policy.tokenizer)
         t = to_tensors(batch, policy.tokenizer.pad_token_id, device)
-        adv = adv.to(device)
         mask = t.completion_mask
+        if adv.dim() == 2:
+            batch.advantages = [row[: len(c)] for row, c in zip(adv.tolist(), batch.completion_ids)]
+            adv = torch.nn.functional.pad(adv, (0, t.completion_width - adv.shape[1])).to(device)
+            token_adv = adv[mask.bool()]
+        else:
+            batch.advantages = adv.tolist()
+            adv = adv.to(device)
+            token_adv = adv
         n = len(batch)
         if cfg.num_iterations > 1 or 0 < cfg.minibatch_size < n:
             old = self._old_logprobs(batch, model, t)
@@ -203,8 +186,8 @@ class PolicyGradient:
         self.updates += 1
         lengths = mask.sum(-1)
         out = {k: v / steps for k, v in sums.items()}
-        out.update({"lr": self.optimizer.param_groups[0]["lr"], "advantage/mean": float(adv.mean()),
-                    "advantage/abs_mean": float(adv.abs().mean()), "update/steps": float(steps),
+        out.update({"lr": self.optimizer.param_groups[0]["lr"], "advantage/mean": float(token_adv.mean()),
+                    "advantage/abs_mean": float(token_adv.abs().mean()), "update/steps": float(steps),
                     "update/tokens": float(lengths.sum())})
         if ref is None:
             out.pop("kl")
