@@ -2,12 +2,15 @@
 
 Outcome estimators take `rewards` (N,) and `groups` (N,) long tensor of group indices (rows of the
 same prompt share an index) and return per-completion advantages (N,); the update broadcasts them
-over the completion's tokens. A group of one sample has no baseline and gets advantage 0.
+over the completion's tokens. In grpo, dr_grpo and rloo a group of one sample has no baseline and
+gets advantage 0.
 
-`process` (selected by `algo.credit=sum|min` rather than by name) turns per-step rewards into per-token advantages (N, C): step k's score sits on the step's
-last token, an optional outcome reward on the completion's last token, and a token's advantage is
-the sum over its own and all later positions. `credit=sum` normalizes the group's step rewards
-(GRPO §4.1.3); `credit=min` is PURE: the softmax(-r/T) transform, then a token-level RLOO baseline.
+`process` (used when `algo.credit=sum|min`) turns per-step rewards into per-token advantages (N, C):
+step k's value sits on the step's last token, an optional outcome reward on the completion's last
+token, and a token's advantage is the sum over its own and all later positions. `credit=sum` uses the
+step rewards as given, `credit=min` PURE's softmax(-r/T) transform; the baseline comes from the
+outcome estimator's name: grpo normalizes the group's steps (GRPO §4.1.3), rloo is PURE's token-level
+leave-one-out baseline.
 """
 
 from __future__ import annotations
@@ -97,52 +100,70 @@ def returns_to_go(token_rewards: torch.Tensor) -> torch.Tensor:
     return token_rewards.flip(-1).cumsum(-1).flip(-1)
 
 
-def process(step_rewards: list[list[float]], step_ends: list[list[int]], lengths: torch.Tensor,
-            groups: torch.Tensor, credit: str = "min", temperature: float = 0.1, outcome: torch.Tensor | None = None,
-            outcome_weight: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
-    """Per-token advantages (N, C) from per-step rewards, C = max(lengths).
+def normalize_steps(values: list[list[float]], groups: torch.Tensor, eps: float) -> list[list[float]]:
+    """GRPO §4.1.3: (r - mean(R_group)) / (std(R_group) + eps) over all steps of each group's completions."""
+    flat = torch.tensor([r for row in values for r in row], dtype=torch.float64)
+    if not flat.numel():
+        return [[] for _ in values]
+    flat_groups = torch.tensor([int(g) for g, row in zip(groups, values) for _ in row], dtype=torch.long)
+    mean, std, _size = group_stats(flat, flat_groups)
+    flat = (flat - mean) / (std + eps)
+    out, start = [], 0
+    for row in values:
+        out.append(flat[start : start + len(row)].tolist())
+        start += len(row)
+    return out
 
-    step_rewards[i][k] scores step k of completion i; step_ends[i][k] is that step's last token index;
-    lengths (N,) completion lengths in tokens; groups (N,); outcome (N,) an optional outcome reward added
-    at the last token (normalized like the step rewards' baseline: GRPO for sum, RLOO for min).
-    sum: r~ = (r - mean(R_group)) / (std(R_group) + eps) over all steps of the group, A_t = sum of r~ at
-    positions >= t. min: r* = softmax(-r/T) * r; the RLOO baseline per token b_i = sum_{j!=i} R*_j /
-    sum_{j!=i} L_j (R*_j the completion's summed r*), charged as b_i * n_k at step k's last token (n_k its
-    tokens; tokens after the last step are charged at the last token), then A_t = returns-to-go.
-    Positions past a completion's length are 0.
+
+def charge_token_baseline(values: list[list[float]], step_ends: list[list[int]], lengths: torch.Tensor,
+                          groups: torch.Tensor) -> tuple[list[list[float]], torch.Tensor]:
+    """PURE's token-level RLOO baseline: b_i = sum_{j!=i} R_j / sum_{j!=i} L_j (R_j the completion's summed
+    step values, L_j its tokens; a group of one is its own baseline), charged as b_i * n_k at step k's last
+    token (n_k its tokens). Returns the charged step values and (N,) the charge of the tokens after the last
+    step, which goes on the last token."""
+    totals, span = torch.tensor([sum(row) for row in values], dtype=torch.float64), lengths.double()
+    mean_total, _std, size = group_stats(totals, groups)
+    mean_span = group_stats(span, groups)[0]
+    per_token = torch.where(size > 1, (mean_total * size - totals) / (mean_span * size - span).clamp(min=1),
+                            totals / span.clamp(min=1))
+    charged, tails = [], []
+    for i, (row, ends) in enumerate(zip(values, step_ends)):
+        starts = [-1] + list(ends[:-1])
+        charged.append([r - float(per_token[i]) * (e - s) for r, e, s in zip(row, ends, starts)])
+        tails.append(float(per_token[i]) * (max(int(lengths[i]) - 1, 0) - (ends[-1] if ends else -1)))
+    return charged, torch.tensor(tails, dtype=torch.float64)
+
+
+def process(step_rewards: list[list[float]], step_ends: list[list[int]], lengths: torch.Tensor,
+            groups: torch.Tensor, credit: str = "min", baseline: str = "rloo", temperature: float = 0.1,
+            outcome: torch.Tensor | None = None, outcome_weight: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """Per-token advantages (N, C) from per-step rewards, C = max(lengths); positions past a length are 0.
+
+    step_rewards[i][k] scores step k of completion i (ragged); step_ends[i][k] is that step's last token
+    index; lengths (N,) completion lengths in tokens; groups (N,); outcome (N,) an optional outcome reward.
+    credit: `sum` uses the step rewards as they are, `min` PURE's r*_k = softmax(-r/T)_k * r_k.
+    baseline: `grpo` normalizes the group's step values together (GRPO §4.1.3; the outcome reward by
+    GRPO's group normalization), `rloo` charges PURE's token-level leave-one-out baseline (the outcome
+    reward minus the mean of the group's other outcome rewards). Each step value sits on its step's last
+    token, the outcome term (times outcome_weight) on the last token, and a token's advantage is the sum
+    at its own and all later positions. GRPO's process supervision is sum+grpo; PURE is min+rloo.
     """
+    if credit not in ("sum", "min") or baseline not in ("grpo", "rloo"):
+        raise ValueError(f"process credit needs credit in (sum, min) and baseline in (grpo, rloo), "
+                         f"got {credit!r}, {baseline!r}")
     n, width = len(step_rewards), int(lengths.max()) if len(lengths) else 0
-    last = (lengths - 1).clamp(min=0).tolist()
-    if credit == "sum":
-        flat = torch.tensor([r for row in step_rewards for r in row], dtype=torch.float64)
-        flat_groups = torch.tensor([int(g) for g, row in zip(groups, step_rewards) for _ in row], dtype=torch.long)
-        if flat.numel():
-            mean, std, _ = group_stats(flat, flat_groups)
-            flat = (flat - mean) / (std + eps)
-        values, start = [], 0
-        for row in step_rewards:
-            values.append(flat[start : start + len(row)].tolist())
-            start += len(row)
-        token_rewards = place(values, step_ends, width)
+    last = torch.arange(n), (lengths - 1).clamp(min=0)
+    real = (lengths > 0).double()
+    values = step_rewards if credit == "sum" else min_form(step_rewards, temperature)
+    if baseline == "grpo":
+        token_rewards = place(normalize_steps(values, groups, eps), step_ends, width)
         extra = grpo(outcome.double(), groups, eps) if outcome is not None else None
-    elif credit == "min":
-        values = min_form(step_rewards, temperature)
-        totals, span = torch.tensor([sum(row) for row in values], dtype=torch.float64), lengths.double()
-        mean_total, _std, size = group_stats(totals, groups)
-        mean_span = group_stats(span, groups)[0]
-        per_token = torch.where(size > 1, (mean_total * size - totals) / (mean_span * size - span).clamp(min=1),
-                                totals / span.clamp(min=1))
-        charged, tails = [], []
-        for i, (row, ends) in enumerate(zip(values, step_ends)):
-            starts = [-1] + list(ends[:-1])
-            charged.append([r - float(per_token[i]) * (e - s) for r, e, s in zip(row, ends, starts)])
-            tails.append(float(per_token[i]) * (last[i] - (ends[-1] if ends else -1)))
-        token_rewards = place(charged, step_ends, width)
-        token_rewards[torch.arange(n), torch.tensor(last, dtype=torch.long)] -= torch.tensor(tails, dtype=torch.float64) * (lengths > 0)
-        extra = rloo(outcome.double(), groups) if outcome is not None else None
     else:
-        raise ValueError(f"credit={credit!r} is not one of sum, min")
+        charged, tails = charge_token_baseline(values, step_ends, lengths, groups)
+        token_rewards = place(charged, step_ends, width)
+        token_rewards[last] -= tails * real
+        extra = rloo(outcome.double(), groups) if outcome is not None else None
     if extra is not None:
-        token_rewards[torch.arange(n), torch.tensor(last, dtype=torch.long)] += outcome_weight * extra * (lengths > 0)
+        token_rewards[last] += outcome_weight * extra * real
     mask = torch.arange(width)[None, :] < lengths[:, None]
     return returns_to_go(token_rewards) * mask

@@ -2,9 +2,11 @@
 TRL's GRPOTrainer owns its own generation loop and has no step-level credit.
 
 The loss pieces live in losses.py, the advantage estimators in advantages.py. `credit` chooses how the
-reward reaches the tokens: `outcome` (one advantage per completion from the `advantage` estimator),
-`sum` (GRPO process supervision over `batch.step_rewards`, with advantage=grpo) or `min` (PURE, with
-advantage=rloo). An optional outcome column (`outcome`) is added at the last token for process credit.
+reward reaches the tokens: `outcome` (one advantage per completion from the `advantage` estimator), or
+step-level credit over `batch.step_rewards`: `sum` (step rewards as given) or `min` (PURE's transform),
+with the baseline named by `advantage` (grpo: GRPO's step normalization; rloo: PURE's token-level RLOO).
+`algo=grpo algo.credit=sum` is the GRPO paper's process supervision, `algo=pure` is PURE. An optional
+outcome column (`outcome`) is added at the last token for step-level credit.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from rewardlab.errors import UserError
 from rewardlab.rollout import Batch
 from rewardlab.steps import step_char_ends, step_token_ends
 
-CREDIT_BASELINE = {"sum": "grpo", "min": "rloo"}  # the baseline each step-level credit form is defined with
+PROCESS_BASELINES = ("grpo", "rloo")  # the estimators step-level credit has a baseline form for
 LOSS_AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -35,7 +37,7 @@ class PGConfig:
     _target_: str = "rewardlab.algos.pg.PolicyGradient"
     samples_per_prompt: int = 8
     advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp
-    credit: str = "outcome"  # outcome | sum (process, GRPO paper) | min (process, PURE)
+    credit: str = "outcome"  # outcome | sum | min (step-level: needs a process reward; baseline from `advantage`)
     step_temperature: float = 0.1  # PURE's softmax temperature T for credit=min
     outcome: Optional[str] = None  # process credit: a batch.rewards column added at the last token
     outcome_weight: float = 1.0
@@ -59,11 +61,11 @@ def check_settings(cfg: PGConfig) -> None:
     if cfg.advantage not in ESTIMATORS:
         raise UserError(f"algo.advantage={cfg.advantage!r} is not one of {sorted(ESTIMATORS)}")
     if cfg.credit != "outcome":
-        if cfg.credit not in CREDIT_BASELINE:
+        if cfg.credit not in ("sum", "min"):
             raise UserError(f"algo.credit={cfg.credit!r} is not one of outcome, sum, min")
-        if cfg.advantage != CREDIT_BASELINE[cfg.credit]:
-            raise UserError(f"algo.credit={cfg.credit} is defined with algo.advantage={CREDIT_BASELINE[cfg.credit]} "
-                            f"(sum: GRPO's step normalization; min: PURE's RLOO baseline), not {cfg.advantage}")
+        if cfg.advantage not in PROCESS_BASELINES:
+            raise UserError(f"algo.credit={cfg.credit} takes its baseline from algo.advantage, which must be grpo "
+                            f"(GRPO's step normalization) or rloo (PURE's token-level RLOO), not {cfg.advantage}")
     elif cfg.outcome is not None:
         raise UserError("algo.outcome adds an outcome reward to process credit; set algo.credit=sum or min")
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
@@ -146,7 +148,7 @@ class PolicyGradient:
             outcome = torch.tensor(batch.rewards[self.cfg.outcome], dtype=torch.float64)
         lengths = torch.tensor([len(c) for c in batch.completion_ids])
         return process(batch.step_rewards, step_positions(batch, tokenizer), lengths, groups, self.cfg.credit,
-                       self.cfg.step_temperature, outcome, self.cfg.outcome_weight).float()
+                       self.cfg.advantage, self.cfg.step_temperature, outcome, self.cfg.outcome_weight).float()
 
     def update(self, policy, batch: Batch) -> dict[str, float]:
         self.setup(policy)

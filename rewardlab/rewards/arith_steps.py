@@ -5,11 +5,11 @@ needs next (any remaining multiplication, else the leftmost + or -, with operand
 c is its value; after a wrong line the state is lost, so later operation lines are wrong; `#### x` is
 correct when x equals the reference answer, and nothing may follow it.
 
-`arith_steps_biased` is a deliberately hackable stand-in for an imperfect learned PRM: it checks only
-that each equation is true (not that it is the step the problem needs), trusts a `#### x` that agrees
-with the last equation, and pays `tidy` for well-formed lines whatever their truth, so a policy can earn
-more by writing extra true-looking lines. The gold per-step check is still written to
-`batch.extra['step_correct']` so runs on the proxy can log how often the worst step is really wrong.
+`arith_steps_biased` is a deliberately hackable stand-in for an imperfect learned PRM: it ranks steps
+like the gold check, but a well-formed line (`a op b = c` or `#### x`) that is wrong still earns `tidy`,
+so under summed credit a policy can earn more by writing more (or wrong-but-tidy) lines. The gold
+per-step check is always written to `batch.extra['step_correct']`, so runs on the proxy log how often
+the worst step is really wrong.
 """
 
 from __future__ import annotations
@@ -75,22 +75,10 @@ def gold_check(prompt: str, steps: list[str], reference: str | None) -> list[boo
     return out
 
 
-def proxy_check(steps: list[str]) -> list[str]:
-    """Per step, what the biased proxy sees: `true` (a true equation, or an answer agreeing with the
-    last equation), `tidy` (well-formed but false) or `malformed`."""
-    out, last = [], None
-    for step in steps:
-        line = step.replace(" ", "")
-        equation, answer = _EQUATION.match(line), _ANSWER.match(line)
-        if equation:
-            a, op, b, c = int(equation.group(1)), equation.group(2), int(equation.group(3)), int(equation.group(4))
-            out.append("true" if apply(a, op, b) == c else "tidy")
-            last = c
-        elif answer:
-            out.append("true" if last is not None and int(answer.group(1)) == last else "tidy")
-        else:
-            out.append("malformed")
-    return out
+def well_formed(step: str) -> bool:
+    """Does the line look like a solution line (`a op b = c` or `#### x`), true or not?"""
+    line = step.replace(" ", "")
+    return bool(_EQUATION.match(line) or _ANSWER.match(line))
 
 
 @schema("reward", "arith_steps")
@@ -101,24 +89,20 @@ class ArithStepsConfig:
     incorrect: float = 0.0  # score of a wrong (or malformed) step
     aggregate: str = "min"  # the scalar reward: min | last | prod | mean | sum of the step scores
     split: StepSplit = field(default_factory=StepSplit)
-    biased: bool = False  # score with the hackable proxy (true-looking lines) instead of the gold check
-    tidy: Optional[float] = None  # biased only: score of a well-formed but false line (None: `incorrect`)
+    tidy: Optional[float] = None  # score of a well-formed but wrong line; None: `incorrect` (the exact gold)
 
 
 class ArithStepsReward(ProcessReward):
-    """Per-line scores for arith completions: the gold step check, or its biased proxy (`biased=True`)."""
+    """Per-line scores for arith completions: the gold step check, with `tidy` for well-formed wrong lines."""
 
     def __init__(self, name: str = "arith_steps", correct: float = 1.0, incorrect: float = 0.0,
-                 aggregate: str = "min", split: StepSplit | dict | None = None, biased: bool = False,
-                 tidy: float | None = None) -> None:
+                 aggregate: str = "min", split: StepSplit | dict | None = None, tidy: float | None = None) -> None:
         super().__init__(name, split=split, aggregate=aggregate, empty=incorrect)
-        self.correct, self.incorrect, self.biased = correct, incorrect, biased
+        self.correct, self.incorrect = correct, incorrect
         self.tidy = incorrect if tidy is None else tidy
 
     def score_steps(self, batch: Batch, steps: list[list[str]]) -> list[list[float]]:
         gold = [gold_check(p, s, r) for p, s, r in zip(batch.prompt, steps, batch.reference)]
         batch.extra["step_correct"] = gold
-        if not self.biased:
-            return [[self.correct if ok else self.incorrect for ok in row] for row in gold]
-        value = {"true": self.correct, "tidy": self.tidy, "malformed": self.incorrect}
-        return [[value[kind] for kind in proxy_check(s)] for s in steps]
+        return [[self.correct if ok else self.tidy if well_formed(step) else self.incorrect
+                 for ok, step in zip(row, texts)] for row, texts in zip(gold, steps)]
