@@ -48,7 +48,7 @@ class PGConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     num_iterations: int = 1  # passes over each batch
-    minibatch_size: int = 0  # completions per optimizer step; 0 = the whole batch
+    minibatch_size: int = 32  # completions per optimizer step (several steps per batch); 0 = the whole batch
     micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation)
     loss_agg: str = "sequence_mean"  # sequence_mean | token_mean | constant
     max_grad_norm: float = 1.0

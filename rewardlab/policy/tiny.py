@@ -41,7 +41,7 @@ class TinyBuild:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 512
-    warmup_steps: int = 600
+    warmup_steps: int = 800
     warmup_lr: float = 2e-3
     warmup_batch_size: int = 64
     seed: int = 0
