@@ -1,0 +1,74 @@
+"""The bad-input catalogue, in-process through `rewardlab.run.train`: NaN/inf rewards are dropped and
+counted, an empty batch after filtering skips the update with a warning, and a rerun into a run
+directory with another config is refused with one line. (Disk full during a checkpoint is in
+test_checkpoint.py; W&B unreachable in test_resume.py.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from rewardlab.config import register_schemas
+from rewardlab.errors import UserError
+from rewardlab.rewards.verifiable import VerifiableReward
+from rewardlab.run import train
+
+from conftest import read_metrics
+
+TINY = ["logger=none", "run.iterations=2", "run.eval_every=2", "run.eval_size=8", "run.prompts_per_iteration=4",
+        "algo.samples_per_prompt=4", "run.threads=1", "run.save_rollouts=false"]
+
+
+def compose_train(*overrides: str):
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=[*TINY, *overrides])
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()  # train() applies run.threads=1 to this process
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_nonfinite_rewards_are_dropped_counted_and_warned(tiny_policy, tmp_path, monkeypatch):
+    real = VerifiableReward.compute
+
+    def broken(self, batch):
+        values = real(self, batch)
+        values[0], values[5] = float("nan"), float("inf")
+        return values
+
+    monkeypatch.setattr(VerifiableReward, "compute", broken)
+    with pytest.warns(UserWarning, match="2 of 16 rollouts have a NaN or infinite reward"):
+        train(compose_train(), tmp_path)
+    for row in read_metrics(tmp_path)[1:]:
+        assert row["filter/nonfinite/dropped"] == 2 and row["reward/nonfinite"] == 2
+        assert row["filter/kept_fraction"] == 14 / 16
+        assert math.isfinite(row["reward/mean"]) and math.isfinite(row["loss"])  # nothing NaN reached the update
+
+
+def test_an_empty_batch_after_filtering_skips_the_update_with_a_warning(tiny_policy, tmp_path):
+    cfg = compose_train("algo.samples_per_prompt=1",  # one sample per prompt: every group has zero variance
+                        "+filters.zero_variance._target_=rewardlab.filters.DropZeroVarianceGroups")
+    with pytest.warns(UserWarning, match="no rollouts left after filtering; update skipped"):
+        train(cfg, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["update/skipped"] == 1.0 and row["filter/kept_fraction"] == 0.0 and "loss" not in row
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0002"
+
+
+def test_a_rerun_into_a_run_dir_with_another_config_is_refused(tiny_policy, tmp_path):
+    train(compose_train("run.iterations=1"), tmp_path)
+    with pytest.raises(UserError, match=r"holds a run with a different config \(algo.lr, run.iterations\).*resume="):
+        train(compose_train("run.iterations=2", "algo.lr=0.5"), tmp_path)
+    train(compose_train("run.iterations=1"), tmp_path)  # the same config: resumes (here: already complete)
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [0, 1]
