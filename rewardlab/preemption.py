@@ -18,8 +18,9 @@ from typing import Iterator
 PREEMPTED_EXIT_CODE = 75
 
 
-class Preempted(Exception):
-    """SIGTERM arrived during training; the run directory holds a resumable checkpoint."""
+class Preempted(BaseException):
+    """SIGTERM arrived during training; the run directory holds a resumable checkpoint. A BaseException,
+    like KeyboardInterrupt, so no `except Exception` on the way (instantiate, W&B fallback) swallows it."""
 
 
 class PreemptionGuard:

@@ -83,6 +83,30 @@ def test_restore_brings_back_weights_optimizer_rngs_and_cursor(task, tmp_path):
     assert (tmp_path / "checkpoints" / "iter_0003" / "policy" / "config.json").exists()  # loadable by policy.path
 
 
+class CarryOver:
+    """An algorithm whose state is what anchored rejection or CREAM carry: rollouts and a ranking."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state, policy):
+        self.state = state
+
+
+def test_whatever_an_algorithm_carries_across_iterations_round_trips(task, tmp_path):
+    policy, _, sampler = components(task)
+    anchor = HFGenerator(policy, sampling={"max_new_tokens": 8}).generate(sampler.sample(2), n=2)
+    carried = {"anchor": anchor, "previous_ranking": [[2, 0, 1], [0, 1, 2]], "reference": policy.source}
+    Checkpointer(tmp_path).save(0, policy, CarryOver(carried), sampler)
+    algo = CarryOver()
+    Checkpointer(tmp_path).restore(policy, algo, sampler)
+    assert algo.state["previous_ranking"] == carried["previous_ranking"]
+    assert algo.state["anchor"].completion == anchor.completion and algo.state["reference"] == policy.source
+
+
 def test_keeps_the_newest_n_and_latest_is_written_last(task, tmp_path):
     policy, algo, sampler = components(task)
     store = Checkpointer(tmp_path, keep=2)
