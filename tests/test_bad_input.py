@@ -1,7 +1,8 @@
 """The bad-input catalogue, in-process through `rewardlab.run.train`: NaN/inf rewards are dropped and
-counted, an empty batch after filtering skips the update with a warning, and a rerun into a run
-directory with another config is refused with one line. (Disk full during a checkpoint is in
-test_checkpoint.py; W&B unreachable in test_resume.py.)"""
+counted, an empty batch after filtering skips the update with a warning, a judge that often fails to
+give a parsable score is logged and its rows dropped while one that never does stops the run with one
+line and nothing half-written, and a rerun into a run directory with another config is refused.
+(Disk full during a checkpoint is in test_checkpoint.py; W&B unreachable in test_resume.py.)"""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from rewardlab.config import register_schemas
 from rewardlab.errors import UserError
+from rewardlab.rewards.judge import LLMJudge
 from rewardlab.rewards.verifiable import VerifiableReward
 from rewardlab.run import train
 
@@ -72,3 +74,26 @@ def test_a_rerun_into_a_run_dir_with_another_config_is_refused(tiny_policy, tmp_
         train(compose_train("run.iterations=2", "algo.lr=0.5"), tmp_path)
     train(compose_train("run.iterations=1"), tmp_path)  # the same config: resumes (here: already complete)
     assert [r["iteration"] for r in read_metrics(tmp_path)] == [0, 1]
+
+
+JUDGE = ["reward=judge", "reward.judge.samples=1", "reward.judge.temperature=0", "reward.judge.max_new_tokens=8"]
+
+
+def test_a_judge_that_often_fails_to_score_is_logged_and_its_rows_dropped(tiny_policy, tmp_path, monkeypatch):
+    def half_parsable(self, queries):
+        return [["Score: 4" if i % 2 else "I cannot judge this."] for i in range(len(queries))]
+
+    monkeypatch.setattr(LLMJudge, "ask", half_parsable)
+    with pytest.warns(UserWarning, match="8 of 16 rollouts have a NaN"):
+        train(compose_train(*JUDGE), tmp_path)
+    for row in read_metrics(tmp_path)[1:]:
+        assert row["judge/parse_failure_rate"] == 0.5 and row["filter/nonfinite/dropped"] == 8
+        assert "loss" in row  # the run went on and updated on the scored half
+
+
+def test_a_judge_that_never_scores_stops_the_run_with_one_line_and_nothing_half_written(tiny_policy, tmp_path):
+    with pytest.raises(UserError, match=r"reward=judge: none of the 16 judge outputs this iteration had a score"):
+        train(compose_train(*JUDGE), tmp_path)  # the tiny policy, judging itself, never writes "Score: N"
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [0]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_0000", "latest"]
