@@ -1,7 +1,8 @@
 """The bad-input catalogue, in-process through `rewardlab.run.train`: NaN/inf rewards are dropped and
 counted, an empty batch after filtering skips the update with a warning, a judge that often fails to
 give a parsable score is logged and its rows dropped while one that never does stops the run with one
-line and nothing half-written, and a rerun into a run directory with another config is refused.
+line and nothing half-written, a reward model of unknown format stops the CLI with one line and exit
+code 2, and a rerun into a run directory with another config is refused.
 (Disk full during a checkpoint is in test_checkpoint.py; W&B unreachable in test_resume.py.)"""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from rewardlab.rewards.judge import LLMJudge
 from rewardlab.rewards.verifiable import VerifiableReward
 from rewardlab.run import train
 
-from conftest import read_metrics
+from conftest import SMALL_RUN, read_metrics, run_cli
+from reward_fixtures import save_tiny
 
 TINY = ["logger=none", "run.iterations=2", "run.eval_every=2", "run.eval_size=8", "run.prompts_per_iteration=4",
         "algo.samples_per_prompt=4", "run.threads=1", "run.save_rollouts=false"]
@@ -97,3 +99,13 @@ def test_a_judge_that_never_scores_stops_the_run_with_one_line_and_nothing_half_
     assert [r["iteration"] for r in read_metrics(tmp_path)] == [0]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_0000", "latest"]
+
+
+@pytest.mark.slow
+def test_a_reward_model_of_unknown_format_stops_with_one_line_and_exit_code_2(tiny_policy, tmp_path):
+    model = save_tiny(tmp_path / "sequence_classifier", "sequence", num_labels=1)  # no PRM format fits it
+    result = run_cli("train", *SMALL_RUN, "reward=prm", f"reward.model={model}", f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot tell the PRM format")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
