@@ -61,11 +61,16 @@ def _hydra(config_name: str, args: list[str], task: Callable) -> None:
 def _train_task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from rewardlab.preemption import PREEMPTED_EXIT_CODE, Preempted
     from rewardlab.run import train as run_train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with user_errors():
-        run_train(cfg, run_dir)
+    try:
+        with user_errors():
+            run_train(cfg, run_dir)
+    except Preempted as exc:
+        typer.echo(f"preempted: {exc}; resume with the same command or `rewardlab train resume={run_dir}`", err=True)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     typer.echo(f"run dir: {run_dir}")
 
 
@@ -90,11 +95,15 @@ def train(ctx: typer.Context) -> None:
     (`run.iterations=10 algo.lr=1e-4`), sweep with `-m` / `--multirun algo=grpo,rft`, print the composed config with
     `--cfg job`, choose directories with `hydra.run.dir=...` / `hydra.sweep.dir=...`, and a launcher with
     `hydra/launcher=submitit_local`. `rewardlab configs` lists the choices. The last line printed is
-    `run dir: <path>`: metrics.jsonl, summary.json, config.yaml and rollouts/ are there.
+    `run dir: <path>`: metrics.jsonl, summary.json, config.yaml, rollouts/ and checkpoints/ are there.
+    `rewardlab train resume=<run dir>` continues a run; on SIGTERM it exits with code 75, resumable.
     """
+    from rewardlab.checkpoint import resume_args
     from rewardlab.distributed import run_dir_overrides
 
-    _hydra("train", run_dir_overrides(list(ctx.args)), _train_task)
+    with user_errors():
+        args = resume_args(list(ctx.args))
+    _hydra("train", run_dir_overrides(args), _train_task)
 
 
 @app.command("eval", context_settings=HYDRA_ARGS)

@@ -47,6 +47,7 @@ class RunConfig:
     save_rollouts: bool = True
     log_samples: int = 8  # rollouts shown in the W&B table each iteration
     name: Optional[str] = None  # run name for W&B; defaults to the run directory's name
+    keep_checkpoints: int = 2  # newest checkpoints kept under <run_dir>/checkpoints (one is written per iteration)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class TrainConfig:
     generation: Any = None
     logger: Any = None
     filters: Dict[str, Any] = field(default_factory=dict)
+    resume: Optional[str] = None  # a run directory: continue that run with its own config.yaml
 
 
 @dataclass

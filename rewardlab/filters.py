@@ -10,6 +10,7 @@ the batch is full (rewardlab.sampling.collect).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 from rewardlab.config import schema
@@ -41,7 +42,11 @@ class DropNonFinite(Filter):
     name = "nonfinite"
 
     def keep(self, batch: Batch) -> list[int]:
-        return [i for i, r in enumerate(batch.reward) if r is not None and math.isfinite(r)]
+        rows = [i for i, r in enumerate(batch.reward) if r is not None and math.isfinite(r)]
+        if len(rows) < len(batch):
+            warnings.warn(f"{len(batch) - len(rows)} of {len(batch)} rollouts have a NaN or infinite reward: "
+                          f"dropped before the update (counted in filter/nonfinite/dropped)")
+        return rows
 
 
 class DropZeroVarianceGroups(Filter):

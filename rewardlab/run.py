@@ -20,11 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from rewardlab import distributed
 from rewardlab.algos import AlgoContext
+from rewardlab.checkpoint import Checkpointer, resume_target
 from rewardlab.data.base import PromptSampler
 from rewardlab.diagnostics import hacking_metrics
 from rewardlab.errors import UserError
 from rewardlab.evaluation import evaluate
 from rewardlab.io import write_json_atomic, write_text_atomic
+from rewardlab.preemption import PreemptionGuard
 from rewardlab.rewards.verifiable import check
 from rewardlab.rollout import Batch
 from rewardlab.sampling import collect
@@ -48,8 +50,10 @@ def batch_metrics(batch: Batch) -> dict[str, float]:
     """Reward per component, gold accuracy and lengths of the scored batch (before filtering)."""
     rewards = torch.tensor(batch.reward, dtype=torch.float64)
     lengths = torch.tensor([len(c) for c in batch.completion_ids], dtype=torch.float64)
-    out = {"reward/mean": float(rewards.nanmean()), "reward/std": float(rewards[rewards.isfinite()].std())
-           if len(batch) > 1 else 0.0,
+    finite = rewards[rewards.isfinite()]
+    out = {"reward/mean": float(finite.mean()) if len(finite) else float("nan"),
+           "reward/std": float(finite.std()) if len(finite) > 1 else 0.0,
+           "reward/nonfinite": float(len(rewards) - len(finite)),
            "length/mean": float(lengths.mean()), "length/max": float(lengths.max()),
            "length/truncated": sum(f == "length" for f in batch.finish_reason) / len(batch),
            "rollouts": float(len(batch))}
@@ -77,7 +81,14 @@ def mark_kept(batch: Batch, kept: Batch) -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> Path:
-    """Run the whole training loop described by `cfg`, writing everything under `run_dir`."""
+    """Run the whole training loop described by `cfg`, writing everything under `run_dir`; continue the
+    run there from its latest checkpoint if it has one (checkpoint.py); SIGTERM raises `Preempted`."""
+    with PreemptionGuard() as guard:
+        return _train(cfg, run_dir, guard)
+
+
+def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
+    cfg, run_dir = resume_target(cfg, run_dir)
     dist = distributed.setup()
     distributed.check_sizes(dist, cfg.run.prompts_per_iteration, cfg.run.eval_size)
     console.quiet = not dist.is_main  # progress lines once, from rank 0
@@ -104,7 +115,11 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
     if not test_set:
         raise UserError("the data set's test split is empty; evaluation needs at least one example")
     test_set = distributed.shard(test_set, dist.rank, dist.world_size)
-    start = 0
+    checkpoints = Checkpointer(run_dir, cfg.run.keep_checkpoints, dist)
+    completed = checkpoints.restore(policy, algo, sampler)
+    start = 0 if completed is None else completed + 1
+    if completed is not None:
+        console.print(f"resuming {run_dir} after iteration {completed} of {cfg.run.iterations}")
     metrics = MetricsFile(run_dir / "metrics.jsonl", resume_from=start)
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.run.name or run_dir.name)
 
@@ -137,6 +152,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                     metrics.append(row)
                 logger.log(row, step=0)
                 progress.done(row)
+                with guard.deferred():
+                    checkpoints.save(0, policy, algo, sampler)
             for iteration in range(max(start, 1), cfg.run.iterations + 1):
                 began = time.perf_counter()
                 row: dict[str, Any] = {"iteration": iteration, "world_size": dist.world_size}
@@ -175,6 +192,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
                 logger.log(row, step=iteration)
                 logger.log_samples(batch, iteration, cfg.run.log_samples)
                 progress.done(row)
+                with guard.deferred():
+                    checkpoints.save(iteration, policy, algo, sampler)
     finally:
         extra = {"run_dir": str(run_dir), "world_size": dist.world_size}
         if dist.active:

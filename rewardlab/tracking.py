@@ -86,6 +86,7 @@ class WandbLogger(NullLogger):
                 raise
             warnings.warn(f"W&B online init failed ({exc.__class__.__name__}: {exc}); logging offline to "
                           f"{run_dir}/wandb, upload later with `wandb sync`")
+            wandb.teardown()  # the failed online attempt keeps the run id "in use" until its service stops
             self.run = wandb.init(mode="offline", **kwargs)
 
     def log(self, metrics: dict[str, float], step: int) -> None:

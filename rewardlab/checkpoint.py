@@ -1,0 +1,273 @@
+"""Checkpoints of the whole loop state at the end of every iteration, and resuming from them.
+
+Layout under the run directory:
+    checkpoints/iter_0003/policy/   `save_pretrained` of the policy (only the LoRA adapters for a PEFT
+                                    model) and its tokenizer, so `policy.path=` can load it too
+    checkpoints/iter_0003/state.pt  iteration, the algorithm's `state_dict()` (optimizer, scheduler, its
+                                    torch.Generator, what it carries across iterations), the prompt
+                                    sampler's cursor, the python/numpy/torch(/cuda) RNG states of
+                                    every rank (rank 0 writes; ranks hold the same weights)
+    checkpoints/latest              the name of the newest complete checkpoint, written last
+A checkpoint is built in a temporary directory, synced, renamed into place, and only then named by
+`latest` (itself replaced atomically), so a crash or a full disk at any moment leaves the previous
+checkpoint intact. The weights go through transformers/peft `save_pretrained`; the rest of the loop
+state (sampler, algorithm carry-over, RNGs) is ours, so the container around it is written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from rewardlab import distributed
+from rewardlab.distributed import Dist
+from rewardlab.errors import UserError
+from rewardlab.io import write_text_atomic
+
+FORMAT = 1
+STATE = "state.pt"
+_NAME = re.compile(r"^iter_(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG the loop draws from (the algorithm's own generator is in its state_dict)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' per-save "Writing model shards" bar: a checkpoint every iteration is routine."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def is_adapter_model(model: torch.nn.Module) -> bool:
+    """True for a PEFT model (or a transformers model with adapters): save_pretrained writes only adapters."""
+    return getattr(model, "peft_config", None) is not None
+
+
+def load_weights(policy, path: Path) -> None:
+    """Load saved weights (full model or LoRA adapters) into the live policy, in place."""
+    adapters = (path / "adapter_config.json").exists()
+    if adapters != is_adapter_model(policy.model):
+        saved, live = ("LoRA adapters", "a full model") if adapters else ("full weights", "a LoRA model")
+        raise UserError(f"checkpoint {path} holds {saved} but the policy is {live}; resume with the run's "
+                        f"own config (`rewardlab train resume=<run_dir>`)")
+    if adapters:
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(policy.model, load_peft_weights(str(path), device=str(policy.device)))
+        if result.unexpected_keys:
+            raise UserError(f"checkpoint {path}: adapter weights {result.unexpected_keys[:3]} do not fit the policy")
+    else:
+        from rewardlab.policy import load_model
+
+        policy.model.load_state_dict(load_model(str(path), policy.model.dtype).state_dict())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` and the directories themselves, so a rename publishes whole files."""
+    for folder, _, files in os.walk(root):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of space; torch and safetensors do not always keep the errno."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left" in text or "os error 28" in text or "Disk quota" in text:
+        return True
+    return shutil.disk_usage(where).free < 1 << 20
+
+
+class Checkpointer:
+    """Saves and restores the loop state under `<run_dir>/checkpoints`, keeping the newest `keep`."""
+
+    def __init__(self, run_dir: Path, keep: int = 2, dist: Dist | None = None) -> None:
+        if keep < 1:
+            raise UserError(f"run.keep_checkpoints={keep}; keep at least 1 so the run can resume")
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.keep = keep
+        self.dist = dist or Dist()
+
+    def _all(self) -> list[tuple[int, Path]]:
+        """Renamed-into-place checkpoint directories, oldest first."""
+        if not self.root.exists():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _NAME.match(p.name))]
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (named by `latest`), or None before the first one."""
+        marker = self.root / "latest"
+        if not marker.exists():
+            return None
+        path = self.root / marker.read_text().strip()
+        if not (path / STATE).exists():
+            raise UserError(f"{marker} names {path}, which is missing or incomplete; point {marker} at an "
+                            f"older checkpoint directory there, or start a new run")
+        return path
+
+    def save(self, iteration: int, policy, algo, sampler) -> Path:
+        """Write the state after `iteration` atomically, mark it latest, and drop the oldest beyond `keep`.
+        Every rank calls it (its RNG states are gathered); rank 0 writes."""
+        final = self.root / f"iter_{iteration:04d}"
+        rngs = distributed.gather_to_main(self.dist, rng_state())
+        if not self.dist.is_main:
+            return final
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(".tmp-*"):  # a save interrupted by a kill
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        try:
+            tmp.mkdir()
+            with _no_progress_bars():
+                policy.model.save_pretrained(tmp / "policy")
+            policy.tokenizer.save_pretrained(tmp / "policy")
+            torch.save({"format": FORMAT, "iteration": iteration, "algo": algo.state_dict(),
+                        "sampler": sampler.state_dict(), "rng": rngs, "policy_source": policy.source},
+                       tmp / STATE)
+            _fsync_tree(tmp)
+            if final.exists():  # written by an attempt that died before `latest` named it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            write_text_atomic(self.root / "latest", final.name + "\n")
+        except Exception as exc:
+            full = _disk_full(exc, self.root)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not full:
+                raise
+            previous = self.latest()
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint was kept"
+            raise UserError(f"no space left on the device writing checkpoint {final} ({kept}); free space, "
+                            f"then resume with `rewardlab train resume={self.run_dir}`") from exc
+        self._prune(iteration)
+        return final
+
+    def _prune(self, latest: int) -> None:
+        keep = [p for it, p in self._all() if it <= latest][-self.keep :]
+        for _, path in self._all():
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def restore(self, policy, algo, sampler) -> int | None:
+        """Load the latest checkpoint into the live components; the iteration it completed, or None."""
+        path = self.latest()
+        if path is None:
+            return None
+        state = torch.load(path / STATE, map_location="cpu", weights_only=False)  # our own file: RNG tuples
+        if state.get("format") != FORMAT:
+            raise UserError(f"checkpoint {path} has format {state.get('format')}, this rewardlab reads {FORMAT}")
+        with _no_progress_bars():
+            load_weights(policy, path / "policy")
+        algo.load_state_dict(state["algo"], policy)
+        sampler.load_state_dict(state["sampler"])
+        if len(state["rng"]) == self.dist.world_size:
+            set_rng_state(state["rng"][self.dist.rank])
+        else:
+            warnings.warn(f"checkpoint {path} was written by {len(state['rng'])} processes, this run has "
+                          f"{self.dist.world_size}: sampling restarts from the seed, so the metrics will not "
+                          f"match an uninterrupted run exactly")
+        if state["policy_source"] != policy.source:
+            warnings.warn(f"the run started from {state['policy_source']} but the policy now loads from "
+                          f"{policy.source}; a KL reference or restart uses the latter")
+        return int(state["iteration"])
+
+
+# ---- which run to continue --------------------------------------------------------------------
+
+
+def saved_config(run_dir: Path) -> DictConfig:
+    """The config a run directory was started with (its config.yaml), with schema defaults filled in."""
+    from rewardlab.config import TrainConfig
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise UserError(f"resume={run_dir}: no config.yaml there; point resume at a run directory "
+                        f"(the `run dir:` line a run prints)")
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    """The config as written to config.yaml (resolved; tuples as lists), without `resume`."""
+    out = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
+    out.pop("resume", None)
+    return out
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def resume_target(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path]:
+    """The config and directory to run: `resume=<dir>` continues that run with its own config; a rerun
+    into a directory that has a checkpoint (a SLURM requeue) continues it if the config is the same."""
+    if cfg.get("resume"):
+        run_dir = Path(cfg.resume)
+        return saved_config(run_dir), run_dir
+    if Checkpointer(run_dir).latest() is not None:
+        changed = _differences(_plain(saved_config(run_dir)), _plain(cfg))
+        if changed:
+            raise UserError(f"{run_dir} holds a run with a different config ({', '.join(changed[:5])}); "
+                            f"continue it with `rewardlab train resume={run_dir}`, or choose a new hydra.run.dir")
+    return cfg, run_dir
+
+
+def resume_args(args: list[str]) -> list[str]:
+    """Command-line arguments for `rewardlab train`: with `resume=<dir>`, Hydra runs in that directory
+    and writes no new .hydra/ record there; other config overrides are refused (the run's own config
+    is used), Hydra's own (`hydra.*`, `hydra/launcher=...`) pass."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    found = [a for a in args if a.startswith("resume=")]
+    if not found:
+        return args
+    run_dir = str(OverridesParser.create().parse_overrides(found[-1:])[0].value())
+    saved_config(Path(run_dir))
+    others = [a for a in args if "=" in a and not a.startswith(("-", "resume=", "hydra.", "hydra/", "+hydra"))]
+    if others:
+        raise UserError(f"resume={run_dir} continues the run with its own config.yaml; drop {' '.join(others)} "
+                        f"or start a new run")
+    if any(a.startswith("hydra.run.dir=") for a in args):
+        raise UserError(f"resume={run_dir} already sets the run directory; drop hydra.run.dir")
+    quoted = run_dir.replace("\\", "\\\\").replace("'", "\\'")
+    return [*args, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null"]

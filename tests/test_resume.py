@@ -1,0 +1,108 @@
+"""End to end through the CLI in subprocesses: determinism, SIGKILL then `resume=`, SIGTERM (SLURM's
+warning) then a Hydra rerun into the same directory (what a requeue does), and W&B resuming its run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = ["run.iterations=4", "run.eval_every=2", "run.eval_size=20", "run.prompts_per_iteration=4",
+        "run.threads=1", "algo.samples_per_prompt=4"]
+
+
+def command(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rewardlab", "train", *TINY, *extra, f"hydra.run.dir={run_dir}"]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "WANDB_SILENT": "true", **extra}
+
+
+def rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock keys, which are the only ones allowed to differ."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in lines]
+
+
+def latest(run_dir: Path) -> str:
+    marker = run_dir / "checkpoints" / "latest"
+    return marker.read_text().strip() if marker.exists() else ""
+
+
+def start_and_wait(cmd: list[str], run_dir: Path, checkpoint: str, env: dict) -> subprocess.Popen:
+    """Start a run in its own process group and return once `checkpoint` is the latest: mid-iteration."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while latest(run_dir) != checkpoint:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never reached the checkpoint"
+        time.sleep(0.01)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_policy, tmp_path_factory) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(command(run_dir, "logger=none"), check=True, capture_output=True, env=environment())
+    return rows(run_dir)
+
+
+def test_same_config_and_seed_give_identical_metrics(uninterrupted, tmp_path):
+    subprocess.run(command(tmp_path, "logger=none"), check=True, capture_output=True, env=environment())
+    assert [r["iteration"] for r in uninterrupted] == [0, 1, 2, 3, 4]
+    assert rows(tmp_path) == uninterrupted
+
+
+def test_sigkill_mid_iteration_then_resume_gives_the_uninterrupted_metrics(uninterrupted, tmp_path):
+    proc = start_and_wait(command(tmp_path, "logger=none"), tmp_path, "iter_0001", environment())
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(rows(tmp_path)) < 5 and not (tmp_path / "summary.json").exists()  # really cut short
+
+    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={tmp_path}"],
+                             capture_output=True, text=True, env=environment())
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert rows(tmp_path) == uninterrupted  # no duplicate, no missing row, same numbers
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_exits_75_and_a_rerun_into_the_same_dir_resumes_the_wandb_run(uninterrupted, tmp_path):
+    cmd = command(tmp_path, "logger=wandb", "logger.mode=offline")
+    proc = start_and_wait(cmd, tmp_path, "iter_0001", environment())
+    os.killpg(proc.pid, signal.SIGTERM)  # SLURM signals every process of the job step
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr
+    assert f"resume={tmp_path}" in stderr and "Traceback" not in stderr
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=environment())
+    assert rerun.returncode == 0, rerun.stderr
+    assert rows(tmp_path) == uninterrupted
+    assert (tmp_path / "wandb_id").read_text().strip() == run_id
+    offline = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(run_id) for name in offline)  # one W&B run, resumed
+
+
+def test_wandb_unreachable_with_a_key_continues_offline(tiny_policy, tmp_path):
+    env = environment(WANDB_API_KEY="0" * 40, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="2")
+    env.pop("WANDB_SILENT")
+    run = subprocess.run(command(tmp_path, "logger=wandb", "run.iterations=1"), capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "W&B online init failed" in run.stderr and "logging offline" in run.stderr
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    assert [p.name.endswith(run_id) for p in (tmp_path / "wandb").glob("offline-run-*")] == [True]
+    assert [r["iteration"] for r in rows(tmp_path)] == [0, 1]
