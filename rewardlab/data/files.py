@@ -54,7 +54,7 @@ def _jsonl(file: Path) -> list[Row]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 raise UserError(f"{file}:{number}: malformed JSON ({exc.msg} at column {exc.colno}); "
                                 f"each line must be one JSON object") from None

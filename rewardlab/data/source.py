@@ -49,15 +49,13 @@ class LoadedTask(Task):
         settings = prompt if isinstance(prompt, PromptConfig) else PromptConfig(**(prompt or {}))
         self.template = PromptTemplate(settings.chat, settings.system, settings.instruction, settings.few_shot)
         rng = random.Random(seed)
-        train_rows, test_rows = self._load(hub_id, subset, train_split, test_split, path, test_path, test_size, rng)
-        train = [self.example(row, f"{self.name}-{i}") for i, row in train_rows]
-        self._raw_test = [self.example(row, f"{self.name}-{i}") for i, row in test_rows]
+        train, test = self._load(hub_id, subset, train_split, test_split, path, test_path)
+        if test is None:
+            train, test = self._hold_out(train, test_size, rng)
+        self._raw_test = test
         self._shots = self._take_shots(train, rng)
         shot_ids = {e.id for e in self._shots}
         self._raw_train = [e for e in train if e.id not in shot_ids]
-        if not self._raw_train:
-            raise UserError(f"dataset: no training examples left (rows: {len(train_rows)}, few-shot: "
-                            f"{len(self._shots)}); use a larger file or lower dataset.test_size/prompt.few_shot")
         self._train: list[Example] | None = None
         self._test: list[Example] | None = None
 
@@ -65,35 +63,41 @@ class LoadedTask(Task):
     def example(self, row: Row, example_id: str) -> Example:
         """One row as an Example whose `prompt` is the raw question; UserError naming the row if it does not fit."""
 
-    def _load(self, hub_id, subset, train_split, test_split, path, test_path, test_size, rng):
+    def _examples(self, rows: list[Row], split: str) -> list[Example]:
+        return [self.example(row, f"{self.name}-{split}-{i}") for i, row in enumerate(rows)]
+
+    def _load(self, hub_id, subset, train_split, test_split, path, test_path):
+        """(train, test) examples; test is None when it must be held out of train."""
         if path is not None:
-            train = list(enumerate(read_rows(path, "dataset.path")))
-            test = list(enumerate(read_rows(test_path, "dataset.test_path"))) if test_path else None
+            train = self._examples(read_rows(path, "dataset.path"), "train")
         elif hub_id is not None:
-            train = list(enumerate(hub_rows(hub_id, subset, train_split)))
-            test = list(enumerate(hub_rows(hub_id, subset, test_split))) if test_split else None
-            if test_path:
-                test = list(enumerate(read_rows(test_path, "dataset.test_path")))
+            train = self._examples(hub_rows(hub_id, subset, train_split), "train")
         else:
             raise UserError(f"dataset={self.name} needs dataset.hub_id=<hub id or data directory> "
                             f"or dataset.path=<local .jsonl/.json/.parquet file>")
-        if test is not None:
-            return train, [(f"test-{i}", row) for i, row in test]
+        if test_path is not None:
+            return train, self._examples(read_rows(test_path, "dataset.test_path"), "test")
+        if path is None and test_split:
+            return train, self._examples(hub_rows(hub_id, subset, test_split), "test")
+        return train, None
+
+    @staticmethod
+    def _hold_out(train: list[Example], test_size: int, rng: random.Random) -> tuple[list[Example], list[Example]]:
+        """A seeded test split of `test_size` examples taken out of `train`."""
         if not 0 < test_size < len(train):
             raise UserError(f"dataset.test_size={test_size} must hold out at least one row and leave at least one "
                             f"of the {len(train)} rows for training; or give dataset.test_path")
         order = list(range(len(train)))
         rng.shuffle(order)
         held = set(order[:test_size])
-        return ([(f"train-{i}", row) for i, row in train if i not in held],
-                [(f"train-{i}", row) for i, row in train if i in held])
+        return ([e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held])
 
     def _take_shots(self, train: list[Example], rng: random.Random) -> list[Example]:
         k = self.template.few_shot
         if k == 0:
             return []
         if k >= len(train):
-            raise UserError(f"dataset.prompt.few_shot={k} needs more than {len(train)} training examples")
+            raise UserError(f"dataset.prompt.few_shot={k} leaves no training examples of {len(train)}; lower it")
         shots = rng.sample(train, k)
         if any(e.solution is None for e in shots):
             raise UserError(f"dataset.prompt.few_shot={k} needs solutions, and dataset={self.name} has none; "
