@@ -131,7 +131,7 @@ def load_policy(name: str = "tiny", hub_id: str | None = None, path: str | None 
         raise UserError(f"cannot load the policy from {source}: {str(exc).splitlines()[0]}; "
                         f"download it first or set policy.path=<local model directory>") from None
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable()  # non-reentrant: works with frozen (LoRA) inputs
     if adapters is not None:
         model = load_adapters(model, adapters)
     elif lora.r > 0:
