@@ -42,3 +42,15 @@ def test_chat_templated_gsm8k_file_trains_end_to_end(tmp_path):
     assert all(r["prompt"].startswith("<|system|>\nBe brief.\n<|user|>\n") for r in rollouts)
     assert all(r["prompt"].endswith("\\boxed{}.\n<|assistant|>\n") for r in rollouts)
     assert {r["reference"] for r in rollouts} <= {"72", "10", "5", "2000"}
+
+
+def test_vllm_backend_without_vllm_is_one_line_exit_2(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here: tests/test_vllm.py exercises the backend")
+    result = CliRunner().invoke(app, ["train", "generation=vllm", *SMALL, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (  # after transformers' weight-loading progress bar
+        "error: generation=vllm needs vLLM: pip install 'rewardlab[vllm]' on a CUDA machine; or use generation=hf")
+    assert "Traceback" not in result.stderr
