@@ -91,6 +91,9 @@ def test_a_row_without_the_configured_field_names_file_line_and_setting(tmp_path
     message = str(err.value)
     assert message.startswith(f"{path}:2: row has no field 'answer' (dataset.answer_field=answer)")
     assert "fields present: prompt" in message
+    path = write_lines(tmp_path / "nulls.jsonl", ['{"prompt": "1+1=?", "answer": "2"}', '{"prompt": "2+2=?", "answer": null}'])
+    with pytest.raises(UserError, match=r"nulls.jsonl:2: field 'answer' is null \(dataset.answer_field=answer\)"):
+        FieldsTask(path=str(path), test_size=1, prompt=PLAIN)
 
 
 # ---- the four data sets ---------------------------------------------------------------------------

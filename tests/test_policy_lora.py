@@ -111,13 +111,14 @@ def test_pg_update_with_lora_and_kl_changes_adapters_only():
     assert changed and all("lora_" in n for n in changed)
 
 
-def test_lora_policy_saves_adapters_only_and_loads_them_back_trainable(tmp_path):
+def test_saved_lora_adapters_load_back_trainable_with_policy_path(tmp_path):
     policy = load_policy(lora={"r": 8})
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
-    policy.save(tmp_path / "policy")
+    policy.model.save_pretrained(tmp_path / "policy")  # as a checkpoint writes it
+    policy.tokenizer.save_pretrained(tmp_path / "policy")
     saved = {p.name for p in (tmp_path / "policy").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= saved
     assert "model.safetensors" not in saved  # no full copy of the base weights

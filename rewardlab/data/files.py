@@ -27,6 +27,8 @@ class Row:
     def get(self, name: str, setting: str) -> Any:
         """The value of field `name`; a UserError naming this row and the `setting` that chose the field."""
         value = self.values.get(name)
+        if name in self.values and value is None:
+            raise UserError(f"{self.where}: field '{name}' is null ({setting}); give it a value or drop the row")
         if value is None:
             present = ", ".join(sorted(map(str, self.values))) or "none"
             raise UserError(f"{self.where}: row has no field '{name}' ({setting}); fields present: {present}")

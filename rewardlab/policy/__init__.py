@@ -58,11 +58,6 @@ class Policy:
             self._reference = self.load_fresh().eval().requires_grad_(False)
         yield self._reference
 
-    def save(self, directory: str | Path) -> None:
-        """Write the weights (only the adapters, with LoRA) and the tokenizer; `policy.path=<directory>` loads them."""
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
