@@ -92,6 +92,17 @@ def test_lora_trains_only_adapters_and_the_reference_is_the_base_with_adapters_o
     assert not torch.allclose(logits(policy.model, ids), logits(base.model, ids), atol=1e-4)  # adapters back on
 
 
+def test_restart_from_base_with_lora_gets_fresh_adapters_on_the_base():
+    policy = load_policy(lora={"r": 4})
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.1)
+    policy.model.load_state_dict(policy.load_fresh().state_dict())  # what algo.restart_from_base does
+    lora_b = [p for n, p in policy.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)  # new adapters: a no-op on the base
+
+
 def test_full_model_reference_is_a_frozen_copy_loaded_once():
     policy = load_policy()
     with policy.reference() as first:

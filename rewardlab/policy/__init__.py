@@ -12,7 +12,8 @@ import torch
 
 from rewardlab.config import schema
 from rewardlab.errors import UserError
-from rewardlab.policy.lora import LoraSettings, adapter_base, add_adapters, has_adapters, is_adapter_dir, load_adapters
+from rewardlab.policy.lora import (LoraSettings, adapter_base, add_adapters, add_adapters_like, has_adapters,
+                                   is_adapter_dir, load_adapters)
 from rewardlab.policy.tiny import TinyBuild, ensure_tiny
 
 
@@ -43,8 +44,12 @@ class Policy:
     _reference: torch.nn.Module | None = field(default=None, repr=False)
 
     def load_fresh(self) -> torch.nn.Module:
-        """A new copy of the starting weights (the frozen reference, or ReST-EM's restart point)."""
-        return load_model(self.source, self.model.dtype).to(self.device)
+        """A new copy of the starting weights (the frozen reference, or ReST-EM's restart point);
+        with LoRA, the base with new adapters of the same shape, so its state dict fits this model."""
+        model = load_model(self.source, self.model.dtype)
+        if has_adapters(self.model):
+            model = add_adapters_like(model, self.model)
+        return model.to(self.device)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:

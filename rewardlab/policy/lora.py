@@ -6,6 +6,8 @@ With adapters, the frozen reference for KL terms is the same model with its adap
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
@@ -46,6 +48,13 @@ def add_adapters(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Mod
                         target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def add_adapters_like(model: torch.nn.Module, like: torch.nn.Module) -> torch.nn.Module:
+    """`model` with new adapters configured as those of the PEFT model `like` (a restart from the base)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, copy.deepcopy(like.peft_config["default"]))
 
 
 def load_adapters(model: torch.nn.Module, path: Path) -> torch.nn.Module:
