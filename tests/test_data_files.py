@@ -162,6 +162,11 @@ def test_jsonl_with_configured_fields_and_a_seeded_held_out_split():
     assert [e.id for e in make().test_examples()] == [e.id for e in test]  # same seed, same split
 
 
+def test_unknown_answer_format_is_a_user_error():
+    with pytest.raises(UserError, match=r"dataset.answer_format='latex' is not one of auto, hash, boxed"):
+        MathTask(path=str(DATA / "math_train.jsonl"), test_size=1, answer_format="latex")
+
+
 def test_test_size_that_leaves_no_training_rows_is_a_user_error():
     with pytest.raises(UserError, match=r"dataset.test_size=5 must hold out"):
         FieldsTask(path=str(DATA / "custom_fields.jsonl"), prompt_field="q", answer_field="final", test_size=5)

@@ -18,6 +18,8 @@ from rewardlab.data.files import Row, hub_rows, read_rows
 from rewardlab.data.templates import PromptConfig, PromptTemplate
 from rewardlab.errors import UserError
 
+ANSWER_FORMATS = ("auto", "hash", "boxed", "last_number")  # what rewards.verifiable.extract_answer reads
+
 
 @dataclass
 class SourceConfig:
@@ -45,6 +47,8 @@ class LoadedTask(Task):
                  test_split: str | None = "test", path: str | None = None, test_path: str | None = None,
                  test_size: int = 200, seed: int = 1234, max_new_tokens: int = 512, answer_format: str = "auto",
                  prompt: PromptConfig | dict | None = None) -> None:
+        if answer_format not in ANSWER_FORMATS:
+            raise UserError(f"dataset.answer_format={answer_format!r} is not one of {', '.join(ANSWER_FORMATS)}")
         self.max_new_tokens, self.answer_format = max_new_tokens, answer_format
         settings = prompt if isinstance(prompt, PromptConfig) else PromptConfig(**(prompt or {}))
         self.template = PromptTemplate(settings.chat, settings.system, settings.instruction, settings.few_shot)
