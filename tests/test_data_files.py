@@ -79,6 +79,9 @@ def test_missing_empty_and_unknown_files_are_user_errors(tmp_path):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(UserError, match=r"unknown file type '.csv'"):
         read_rows(tmp_path / "data.csv")
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 16\)"):
+        read_rows(tmp_path / "latin1.jsonl")
     (tmp_path / "broken.parquet").write_text("not parquet")
     with pytest.raises(UserError, match=r"broken.parquet: not a readable parquet file"):
         read_rows(tmp_path / "broken.parquet")

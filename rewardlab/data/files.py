@@ -51,8 +51,9 @@ def read_rows(path: str | Path, setting: str = "dataset.path") -> list[Row]:
 
 def _jsonl(file: Path) -> list[Row]:
     rows: list[Row] = []
-    with open(file, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _text(raw, f"{file}:{number}")
             if not line.strip():
                 continue
             try:
@@ -65,7 +66,7 @@ def _jsonl(file: Path) -> list[Row]:
 
 
 def _json(file: Path) -> list[Row]:
-    text = file.read_text(encoding="utf-8")
+    text = _text(file.read_bytes(), str(file))
     if not text.strip():
         return []
     try:
@@ -87,6 +88,13 @@ def _parquet(file: Path) -> list[Row]:
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{file}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
     return [Row(f"{file} row {i}", values) for i, values in enumerate(table.to_pylist(), start=1)]
+
+
+def _text(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # a leading BOM (Windows editors) is not part of the data
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start + 1}); save the file as UTF-8") from None
 
 
 def _object(value: Any, where: str) -> Mapping[str, Any]:
