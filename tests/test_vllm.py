@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM tests need a CUDA device")]
 
 from rewardlab.algos import AlgoContext  # noqa: E402
-from rewardlab.algos.pg import PolicyGradient, to_tensors, token_logprobs  # noqa: E402
+from rewardlab.algos.losses import to_tensors, token_logprobs  # noqa: E402
+from rewardlab.algos.pg import PolicyGradient  # noqa: E402
 from rewardlab.data.arith import ArithTask  # noqa: E402
 from rewardlab.generation.hf import HFGenerator, Sampling  # noqa: E402
 from rewardlab.generation.vllm import VLLMGenerator  # noqa: E402
