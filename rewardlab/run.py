@@ -99,6 +99,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
 
     task = instantiate(cfg.dataset)
     policy = instantiate(cfg.policy, device=distributed.device_for(dist, cfg.run.device), log=console.print)
+    task.prepare(policy.tokenizer)
     generator = instantiate(cfg.generation, policy=policy)
     reward = instantiate(cfg.reward)
     reward.bind(policy)
@@ -209,6 +210,7 @@ def evaluate_only(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     setup_torch(cfg.run)
     task = instantiate(cfg.dataset)
     policy = instantiate(cfg.policy, device=cfg.run.device, log=console.print)
+    task.prepare(policy.tokenizer)
     generator = instantiate(cfg.generation, policy=policy)
     test_set = list(task.test_examples())[: cfg.run.eval_size]
     if not test_set:

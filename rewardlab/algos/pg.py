@@ -50,6 +50,7 @@ class PGConfig:
     num_iterations: int = 1  # passes over each batch
     minibatch_size: int = 32  # completions per optimizer step (several steps per batch); 0 = the whole batch
     micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation)
+    micro_batch_tokens: int = 0  # cap on padded tokens per forward/backward (fewer rows for long ones); 0: none
     loss_agg: str = "sequence_mean"  # sequence_mean | token_mean | constant
     max_grad_norm: float = 1.0
     lr_schedule: str = "constant"  # constant | linear | cosine (over run.iterations)
@@ -93,15 +94,12 @@ class PolicyGradient:
         self.updates = 0
         self.generator = torch.Generator().manual_seed(context.seed)
         self.optimizer: torch.optim.Optimizer | None = None
-        self.reference: torch.nn.Module | None = None
 
     # ---- state carried across iterations (checkpointed) -----------------------------------------
     def setup(self, policy) -> None:
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(policy.model.parameters(), lr=self.cfg.lr,
                                                weight_decay=self.cfg.weight_decay, betas=tuple(self.cfg.betas))
-        if self.cfg.beta > 0 and self.reference is None:
-            self.reference = policy.load_fresh().eval().requires_grad_(False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict() if self.optimizer else None, "updates": self.updates,
@@ -169,7 +167,7 @@ class PolicyGradient:
             old = self._old_logprobs(batch, model, t)
         else:
             old = None  # one optimizer step on the sampling policy: rho = 1 exactly
-        ref = self._ref_logprobs(t) if self.reference is not None else None
+        ref = self._ref_logprobs(policy, t) if cfg.beta > 0 else None
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * self.lr_factor()
         model.train()
@@ -200,8 +198,9 @@ class PolicyGradient:
         self.optimizer.zero_grad(set_to_none=True)
         n_seqs, n_tokens = len(rows), float(mask[rows].sum())
         totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
-        for start in range(0, len(rows), cfg.micro_batch_size):
-            micro = rows[start : start + cfg.micro_batch_size]
+        micro_rows = self._micro_rows(t)
+        for start in range(0, len(rows), micro_rows):
+            micro = rows[start : start + micro_rows]
             m = mask[micro]
             logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=True)
             old_logps = logps.detach() if old is None else old[micro]
@@ -229,13 +228,21 @@ class PolicyGradient:
         return self._forward_logprobs(model, t)
 
     @torch.no_grad()
-    def _ref_logprobs(self, t: Tensors) -> torch.Tensor:
-        return self._forward_logprobs(self.reference, t)
+    def _ref_logprobs(self, policy, t: Tensors) -> torch.Tensor:
+        with policy.reference() as reference:
+            return self._forward_logprobs(reference, t)
+
+    def _micro_rows(self, t: Tensors) -> int:
+        """Rows per forward pass: `micro_batch_size`, fewer when `micro_batch_tokens` caps padded tokens."""
+        if self.cfg.micro_batch_tokens > 0:
+            return max(1, min(self.cfg.micro_batch_size, self.cfg.micro_batch_tokens // t.input_ids.shape[1]))
+        return self.cfg.micro_batch_size
 
     def _forward_logprobs(self, model, t: Tensors) -> torch.Tensor:
         was_training = model.training
         model.eval()
-        chunks = [token_logprobs(model, t, slice(s, s + self.cfg.micro_batch_size), self.temperature)[0]
-                  for s in range(0, t.input_ids.shape[0], self.cfg.micro_batch_size)]
+        size = self._micro_rows(t)
+        chunks = [token_logprobs(model, t, slice(s, s + size), self.temperature)[0]
+                  for s in range(0, t.input_ids.shape[0], size)]
         model.train(was_training)
         return torch.cat(chunks)

@@ -34,6 +34,12 @@ class Task(ABC):
     @abstractmethod
     def test_examples(self) -> Sequence[Example]: ...
 
+    def prepare(self, tokenizer: Any) -> None:
+        """Format prompts for the policy's tokenizer (chat templates need it); called once before sampling.
+
+        Tasks whose prompts are fixed text (arith) need nothing; templated tasks (data/source.py) format here.
+        """
+
 
 class PromptSampler:
     """Draws prompts without replacement, reshuffling each epoch; its cursor is checkpointable."""

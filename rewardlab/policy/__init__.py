@@ -1,17 +1,20 @@
-"""Load the policy (model + tokenizer) from a local directory or build the embedded tiny model."""
+"""Load the policy (model + tokenizer): a hub model, a local directory, or the embedded tiny model;
+optionally with LoRA adapters (peft), gradient checkpointing and bf16."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from rewardlab.config import schema
 from rewardlab.errors import UserError
+from rewardlab.policy.lora import (LoraSettings, adapter_base, add_adapters, add_adapters_like, has_adapters,
+                                   is_adapter_dir, load_adapters)
 from rewardlab.policy.tiny import TinyBuild, ensure_tiny
-
 
 
 @schema("policy", "base")
@@ -19,8 +22,11 @@ from rewardlab.policy.tiny import TinyBuild, ensure_tiny
 class PolicyConfig:
     _target_: str = "rewardlab.policy.load_policy"
     name: str = "tiny"
-    path: Optional[str] = None  # a local directory saved by save_pretrained; overrides `name`
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    hub_id: Optional[str] = None  # a hub model id (presets set it), loaded with from_pretrained
+    path: Optional[str] = None  # a local directory saved by save_pretrained (a model or LoRA adapters); overrides the rest
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (bfloat16 on a CUDA device, else float32)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # policy.lora.r=8 trains adapters only
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     tiny: TinyBuild = field(default_factory=TinyBuild)  # how the embedded model is built (name=tiny)
 
 
@@ -29,16 +35,33 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class Policy:
-    """The model being trained, its tokenizer, where it came from and the device it lives on."""
+    """The model being trained, its tokenizer, where its starting weights came from and its device."""
 
     model: torch.nn.Module
     tokenizer: Any
     source: str
     device: torch.device
+    _reference: torch.nn.Module | None = field(default=None, repr=False)
 
     def load_fresh(self) -> torch.nn.Module:
-        """A new copy of the starting weights (the frozen reference, or ReST-EM's restart point)."""
-        return load_model(self.source, self.model.dtype).to(self.device)
+        """A new copy of the starting weights (the frozen reference, or ReST-EM's restart point);
+        with LoRA, the base with new adapters of the same shape, so its state dict fits this model."""
+        model = load_model(self.source, self.model.dtype)
+        if has_adapters(self.model):
+            model = add_adapters_like(model, self.model)
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The frozen starting policy for KL terms: with LoRA, this model with its adapters disabled
+        (no second copy); otherwise a copy of the starting weights, loaded on first use and kept."""
+        if has_adapters(self.model):
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        if self._reference is None:
+            self._reference = self.load_fresh().eval().requires_grad_(False)
+        yield self._reference
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,6 +70,15 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"run.device={name} but no CUDA device is available; use run.device=cpu")
     return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a CUDA device that supports it, float32 elsewhere (CPU bf16 is slow)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in _DTYPES:
+        raise UserError(f"policy.dtype={name!r} is not one of {sorted(_DTYPES) + ['auto']}")
+    return _DTYPES[name]
 
 
 def load_tokenizer(source: str):
@@ -65,22 +97,45 @@ def load_model(source: str, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
 
 
-def load_policy(name: str = "tiny", path: str | None = None, dtype: str = "float32",
+def _local_dir(path: str) -> Path:
+    directory = Path(path).expanduser()
+    if not (directory / "config.json").exists() and not is_adapter_dir(directory):
+        what = "does not exist" if not directory.exists() else "has no config.json or adapter_config.json"
+        raise UserError(f"policy.path={path} {what}; point it at a directory saved by save_pretrained")
+    return directory
+
+
+def load_policy(name: str = "tiny", hub_id: str | None = None, path: str | None = None, dtype: str = "float32",
+                lora: LoraSettings | dict | None = None, gradient_checkpointing: bool = False,
                 tiny: dict | None = None, device: str = "cpu", log=print) -> Policy:
-    """Build the policy from `path` (any local causal LM) or, with no path, the embedded tiny model."""
-    if dtype not in _DTYPES:
-        raise UserError(f"policy.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
-    if path is not None:
-        source = Path(path).expanduser()
-        if not (source / "config.json").exists():
-            what = "does not exist" if not source.exists() else "has no config.json (not a saved model)"
-            raise UserError(f"policy.path={path} {what}; point it at a directory saved by save_pretrained")
-        source_str = str(source)
-    elif name == "tiny":
-        source_str = str(ensure_tiny(TinyBuild(**(tiny or {})), log=log))
-    else:
-        raise UserError(f"policy {name!r} needs policy.path=<local model directory>")
+    """Build the policy from `path` (a local model or LoRA adapters), else `hub_id`, else the tiny model."""
+    lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
     torch_device = resolve_device(device) if isinstance(device, str) else device
-    model = load_model(source_str, _DTYPES[dtype]).to(torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    adapters = None
+    if path is not None:
+        directory = _local_dir(path)
+        adapters = directory if is_adapter_dir(directory) else None
+        source = adapter_base(directory) if adapters else str(directory)
+        tokenizer_source = str(directory)
+    elif hub_id is not None:
+        source = tokenizer_source = hub_id
+    elif name == "tiny":
+        source = tokenizer_source = str(ensure_tiny(TinyBuild(**(tiny or {})), log=log))
+    else:
+        raise UserError(f"policy {name!r} needs policy.hub_id=<hub model id> or policy.path=<local model directory>")
+    try:
+        model = load_model(source, torch_dtype)
+        tokenizer = load_tokenizer(tokenizer_source)
+    except OSError as exc:
+        raise UserError(f"cannot load the policy from {source}: {str(exc).splitlines()[0]}; "
+                        f"download it first or set policy.path=<local model directory>") from None
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable()  # non-reentrant: works with frozen (LoRA) inputs
+    if adapters is not None:
+        model = load_adapters(model, adapters)
+    elif lora.r > 0:
+        model = add_adapters(model, lora)
+    model = model.to(torch_device)
     model.eval()
-    return Policy(model=model, tokenizer=load_tokenizer(source_str), source=source_str, device=torch_device)
+    return Policy(model=model, tokenizer=tokenizer, source=source, device=torch_device)
