@@ -106,3 +106,21 @@ def test_wandb_unreachable_with_a_key_continues_offline(tiny_policy, tmp_path):
     run_id = (tmp_path / "wandb_id").read_text().strip()
     assert [p.name.endswith(run_id) for p in (tmp_path / "wandb").glob("offline-run-*")] == [True]
     assert [r["iteration"] for r in rows(tmp_path)] == [0, 1]
+
+
+@pytest.mark.slow
+def test_lora_run_killed_then_resumed_matches_and_checkpoints_only_adapters(tmp_path):
+    lora = ("policy.lora.r=8", "algo.beta=0.05", "algo.lr=1e-2", "logger=none")
+    straight = tmp_path / "straight"
+    subprocess.run(command(straight, *lora), check=True, capture_output=True, env=environment())
+    cut = tmp_path / "cut"
+    proc = start_and_wait(command(cut, *lora), cut, "iter_0001", environment())
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert len(rows(cut)) < len(rows(straight))
+    saved = {p.name for p in (cut / "checkpoints" / "iter_0001" / "policy").iterdir()}
+    assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved
+    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={cut}"],
+                             capture_output=True, text=True, env=environment())
+    assert resumed.returncode == 0, resumed.stderr
+    assert rows(cut) == rows(straight)
