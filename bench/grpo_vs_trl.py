@@ -35,7 +35,8 @@ def rewardlab_run(args, seed: int) -> dict:
                  f"generation.sampling.max_new_tokens={args.max_new_tokens}",
                  f"generation.sampling.temperature={args.temperature}", f"run.eval_every={10**6}",
                  f"run.eval_size={args.eval_size}", f"run.seed={seed}", f"run.device={args.device}",
-                 "run.save_rollouts=false", "logger=none", f"algo.loss_agg={args.loss_agg}"]
+                 "run.save_rollouts=false", "logger=none", f"algo.loss_agg={args.loss_agg}",
+                 f"algo.minibatch_size={args.minibatch}"]
     with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with tempfile.TemporaryDirectory() as out:
@@ -44,6 +45,7 @@ def rewardlab_run(args, seed: int) -> dict:
     work = sum(r["time/iteration"] - r.get("time/eval", 0.0) for r in rows[1:])
     completions = sum(r["rollouts"] for r in rows[1:])
     return {"seconds": work, "completions": completions, "eval_accuracy": rows[-1]["eval/accuracy"],
+            "optimizer_steps": int(sum(r.get("update/steps", 0) for r in rows[1:])),
             "start_accuracy": rows[0]["eval/accuracy"]}
 
 
@@ -67,12 +69,16 @@ def trl_run(args, seed: int) -> dict:
     def correctness(completions, answer, **_):
         return check(list(completions), list(answer), task.answer_format)
 
+    batch = args.prompts * args.group
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
-            output_dir=out, per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
+            # one generation batch of prompts x group completions per `steps_per_generation` optimizer steps of
+            # `minibatch` completions each: the same optimizer steps as rewardlab's algo.minibatch_size
+            output_dir=out, per_device_train_batch_size=args.minibatch or batch, num_generations=args.group,
+            steps_per_generation=batch // (args.minibatch or batch), gradient_accumulation_steps=1,
             max_completion_length=args.max_new_tokens, temperature=args.temperature, learning_rate=args.lr,
-            lr_scheduler_type="constant", beta=0.0, loss_type={"sequence_mean": "grpo", "token_mean": "dapo",
-            "constant": "dr_grpo"}[args.loss_agg], max_steps=args.steps, use_cpu=args.device == "cpu",
+            lr_scheduler_type="constant", beta=0.0, max_grad_norm=1.0, loss_type={"sequence_mean": "grpo", "token_mean": "dapo",
+            "constant": "dr_grpo"}[args.loss_agg], max_steps=args.steps * batch // (args.minibatch or batch), use_cpu=args.device == "cpu",
             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=seed,
             shuffle_dataset=False, bf16=False)
         trainer = GRPOTrainer(model=policy.model, reward_funcs=[correctness], args=config, train_dataset=data,
@@ -83,7 +89,8 @@ def trl_run(args, seed: int) -> dict:
     policy.model.eval()
     test = task.test_examples()[: args.eval_size]
     accuracy = evaluate(HFGenerator(policy), test, task.answer_format)["eval/accuracy"]
-    return {"seconds": seconds, "completions": args.steps * args.prompts * args.group, "eval_accuracy": accuracy}
+    return {"seconds": seconds, "completions": args.steps * args.prompts * args.group, "eval_accuracy": accuracy,
+            "optimizer_steps": trainer.state.global_step}
 
 
 def main() -> None:
@@ -93,6 +100,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--minibatch", type=int, default=32,
+                        help="completions per optimizer step (rewardlab's default); 0: one step per batch")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--loss-agg", default="sequence_mean", choices=["sequence_mean", "token_mean", "constant"])
     parser.add_argument("--eval-size", type=int, default=500)
