@@ -95,11 +95,11 @@ def trl_run(args, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--minibatch", type=int, default=32,
                         help="completions per optimizer step (rewardlab's default); 0: one step per batch")
     parser.add_argument("--temperature", type=float, default=1.0)

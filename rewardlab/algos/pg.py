@@ -41,7 +41,7 @@ class PGConfig:
     step_temperature: float = 0.1  # PURE's softmax temperature T for credit=min
     outcome: Optional[str] = None  # process credit: a batch.rewards column added at the last token
     outcome_weight: float = 1.0
-    lr: float = 1e-4
+    lr: float = 5e-5
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     beta: float = 0.0  # KL coefficient to the frozen initial policy (k3 estimator)

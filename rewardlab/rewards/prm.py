@@ -125,8 +125,22 @@ class PRMReward(Reward):
             tag = DEFAULT_TAGS[self.format] if step_tag is None else step_tag
             self.tag_id = self._token_id(tag, "step_tag")
             self.tag = tag
+        self.head = None
         if self.format == "math_shepherd":
             self.candidates = [self._token_id(good_token, "good_token"), self._token_id(bad_token, "bad_token")]
+            self.head = self._plain_head()
+
+    def _plain_head(self):
+        """The causal LM's output layer when its logits are a plain linear map of the base model's last hidden
+        state (Llama, Mistral, Qwen, GPT-2...), so scoring can apply it to two rows; None otherwise (a final
+        soft-cap or scaling), and then the full forward is used."""
+        head = self.model.get_output_embeddings()
+        config = self.model.config
+        plain = (isinstance(head, torch.nn.Linear) and hasattr(self.model, "base_model")
+                 and self.model.base_model is not self.model
+                 and not getattr(config, "final_logit_softcapping", None)
+                 and getattr(config, "logit_scale", None) in (None, 1.0))
+        return head if plain else None
 
     def _token_id(self, text: str, what: str) -> int:
         """The id of `text`'s last token, as Math-Shepherd's reference code picks its tag and candidates."""
@@ -179,21 +193,42 @@ class PRMReward(Reward):
 
     @torch.inference_mode()
     def step_scores(self, prompts: list[str], steps: list[list[str]]) -> list[list[float]]:
-        """Each row's step scores, in batches of `batch_size` right-padded sequences."""
+        """Each row's step scores. Rows are batched by length (`batch_size` right-padded sequences of similar
+        length, so little compute goes to padding) and the scores returned in the input order."""
         encoded = [self._encode(p, s) for p, s in zip(prompts, steps)]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out: list[list[float]] = []
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start : start + self.batch_size]
+        out: list[list[float]] = [[] for _ in encoded]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            chunk = [encoded[i] for i in rows]
             width = max(1, max(len(ids) for ids, _ in chunk))
             ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=self.device)
             mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=self.device)
-            result = self.model(input_ids=ids, attention_mask=mask)
-            logits = result.logits if hasattr(result, "logits") else result[0]
-            for row, (_, positions) in enumerate(chunk):
-                probs = self._step_probabilities(logits[row, positions]) if positions else torch.zeros(0)
-                out.append([float(p) for p in probs.tolist()])
+            which = torch.tensor([r for r, (_, positions) in enumerate(chunk) for _ in positions], dtype=torch.long)
+            where = torch.tensor([p for _, positions in chunk for p in positions], dtype=torch.long)
+            probs = self._step_probabilities(self._logits_at(ids, mask, which, where)).tolist()
+            taken = 0
+            for row, (_, positions) in zip(rows, chunk):
+                out[row] = [float(p) for p in probs[taken : taken + len(positions)]]
+                taken += len(positions)
         return out
+
+    def _logits_at(self, ids: torch.Tensor, mask: torch.Tensor, which: torch.Tensor, where: torch.Tensor
+                   ) -> torch.Tensor:
+        """(positions, classes) logits at (row `which`, token `where`). A math_shepherd causal LM's vocabulary
+        head is applied only there and only to the (good, bad) rows, not to every token x the whole vocabulary
+        (for a 150k-vocabulary PRM that is most of a full forward's memory)."""
+        if self.format == "math_shepherd" and self.head is not None:
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            picked = hidden[which.to(hidden.device), where.to(hidden.device)]
+            bias = None if self.head.bias is None else self.head.bias[self.candidates]
+            logits = torch.zeros(len(picked), max(self.candidates) + 1, device=picked.device, dtype=picked.dtype)
+            logits[:, self.candidates] = torch.nn.functional.linear(picked, self.head.weight[self.candidates], bias)
+            return logits
+        result = self.model(input_ids=ids, attention_mask=mask)
+        logits = result.logits if hasattr(result, "logits") else result[0]
+        return logits[which.to(logits.device), where.to(logits.device)]
 
     def compute(self, batch: Batch) -> list[float]:
         steps = [[s for s, _ in self.split.split(text)] for text in batch.completion]
