@@ -57,3 +57,14 @@ def test_concurrent_builds_produce_one_complete_model(tmp_path):
 def test_cache_key_depends_on_settings():
     assert TinyBuild().key() != TinyBuild(warmup_steps=10).key()
     assert TinyBuild().key() == TinyBuild().key()
+
+
+def test_a_first_run_build_leaves_the_runs_random_stream_alone(tmp_path, monkeypatch):
+    """Building the tiny model inside a seeded run must not reseed it: a run on a fresh machine (which
+    builds) and a run with the cached model then sample the same completions."""
+    monkeypatch.setenv("REWARDLAB_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ensure_tiny(TinyBuild(warmup_steps=2, warmup_batch_size=4), log=lambda *a: None)
+    assert torch.equal(torch.rand(3), expected)

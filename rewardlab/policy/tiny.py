@@ -162,10 +162,11 @@ def ensure_tiny(spec: TinyBuild, log=print) -> Path:
     """Return the cached tiny model directory, building it first if needed."""
 
     def build(tmp: Path) -> None:
-        torch.manual_seed(spec.seed)
-        tokenizer = build_tokenizer()
-        model = build_model(spec, tokenizer)
-        warm_start(model, tokenizer, spec, log=log)
+        with torch.random.fork_rng(devices=[]):  # the caller's seeded RNG stream is left as it was
+            torch.manual_seed(spec.seed)
+            tokenizer = build_tokenizer()
+            model = build_model(spec, tokenizer)
+            warm_start(model, tokenizer, spec, log=log)
         model.save_pretrained(tmp)
         save_char_tokenizer(tokenizer, tmp)
         (tmp / "rewardlab_build.json").write_text(json.dumps(asdict(spec), indent=2))

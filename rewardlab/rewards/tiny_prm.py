@@ -132,14 +132,15 @@ def ensure_tiny_prm(spec: TinyPRMBuild, log=print) -> Path:
         from transformers import AutoModelForTokenClassification, AutoTokenizer
 
         policy_dir = ensure_tiny(spec.policy, log=log)
-        torch.manual_seed(spec.seed)
-        rows = training_rows(spec, policy_dir)
-        tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-        tokenizer.add_special_tokens({"additional_special_tokens": [SEPARATOR]})
-        model = AutoModelForTokenClassification.from_pretrained(policy_dir, num_labels=2)
-        model.resize_token_embeddings(len(tokenizer))
-        model.config.pad_token_id = tokenizer.pad_token_id
-        train_prm(model, tokenizer, rows, spec, log=log)
+        with torch.random.fork_rng(devices=[]):  # the caller's seeded RNG stream is left as it was
+            torch.manual_seed(spec.seed)
+            rows = training_rows(spec, policy_dir)
+            tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+            tokenizer.add_special_tokens({"additional_special_tokens": [SEPARATOR]})
+            model = AutoModelForTokenClassification.from_pretrained(policy_dir, num_labels=2)
+            model.resize_token_embeddings(len(tokenizer))
+            model.config.pad_token_id = tokenizer.pad_token_id
+            train_prm(model, tokenizer, rows, spec, log=log)
         model.save_pretrained(tmp)
         save_char_tokenizer(tokenizer, tmp)
         (tmp / "rewardlab_build.json").write_text(json.dumps(asdict(spec), indent=2))

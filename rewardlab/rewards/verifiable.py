@@ -8,6 +8,7 @@ or over-accepts: `\\text{}` units and trailing unit words, `\\$` and `%` signs (
 
 from __future__ import annotations
 
+import functools
 import re
 from fractions import Fraction
 
@@ -96,6 +97,13 @@ def answers_equal(predicted: str | None, reference: str | None) -> bool:
     """Mathematical equivalence of two final answers; exact for plain numbers."""
     if predicted is None or reference is None:
         return False
+    return _equal(predicted, reference)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _equal(predicted: str, reference: str) -> bool:
+    """answers_equal on two strings, memoized: a group's samples share one reference and often one answer,
+    and math-verify's parse (sympy) is most of the scoring time."""
     predicted, reference = normalize_answer(predicted), normalize_answer(reference)
     if not predicted or not reference:
         return False
@@ -104,10 +112,23 @@ def answers_equal(predicted: str | None, reference: str | None) -> bool:
         return a == b
     if predicted.strip() == reference.strip():
         return True
-    from math_verify import parse, verify
+    from math_verify import verify
 
-    gold, pred = parse(f"${reference}$"), parse(f"${predicted}$")
+    gold, pred = _parse(reference), _parse(predicted)
     return bool(gold) and bool(pred) and bool(verify(gold, pred))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _parse(answer: str):
+    from math_verify import parse
+
+    return parse(f"${answer}$")
+
+
+def clear_cache() -> None:
+    """Forget memoized comparisons (for benchmarks that time a cold start)."""
+    _equal.cache_clear()
+    _parse.cache_clear()
 
 
 def check(completions: list[str], references: list[str | None], answer_format: str = "auto") -> list[float]:
