@@ -104,3 +104,15 @@ def test_user_errors(models, tmp_path):
         PRMReward(model=str(models["math_shepherd"]), step_tag="", device="cpu")
     with pytest.raises(UserError, match="cannot be loaded"):
         PRMReward(model=str(tmp_path / "missing"), device="cpu")
+
+
+def test_math_shepherd_head_at_tags_equals_the_full_forward(models):
+    """The two-row head applied at the tags gives the scores of the full vocabulary forward (the path used
+    for models whose logits are not a plain linear map)."""
+    prm = PRMReward(model=str(models["math_shepherd"]), batch_size=2, device="cpu")
+    assert prm.head is not None
+    steps = [[s for s, _ in prm.split.split(c)] for c in COMPLETIONS]
+    fast = prm.step_scores(PROMPTS, steps)
+    prm.head = None
+    assert fast == [pytest.approx(s, abs=1e-6) for s in prm.step_scores(PROMPTS, steps)]
+    assert [len(s) for s in fast] == [2, 3, 0]

@@ -183,10 +183,11 @@ class PRMReward(Reward):
         return ids, positions
 
     def _step_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """(positions, classes or vocab) logits -> (positions,) step scores in [0, 1]."""
+        """(positions, classes) logits -> (positions,) step scores in [0, 1]; for math_shepherd the classes
+        are the (good, bad) candidate tokens."""
         logits = logits.float()
         if self.format == "math_shepherd":
-            return logits[:, self.candidates].softmax(-1)[:, 0]
+            return logits.softmax(-1)[:, 0]
         if logits.shape[-1] == 1:
             return logits[:, 0].sigmoid()
         return logits.softmax(-1)[:, 1]
@@ -216,19 +217,19 @@ class PRMReward(Reward):
 
     def _logits_at(self, ids: torch.Tensor, mask: torch.Tensor, which: torch.Tensor, where: torch.Tensor
                    ) -> torch.Tensor:
-        """(positions, classes) logits at (row `which`, token `where`). A math_shepherd causal LM's vocabulary
-        head is applied only there and only to the (good, bad) rows, not to every token x the whole vocabulary
-        (for a 150k-vocabulary PRM that is most of a full forward's memory)."""
+        """(positions, classes) logits at (row `which`, token `where`); for math_shepherd only the (good, bad)
+        candidates' columns. A math_shepherd causal LM's vocabulary head is applied only there and only to
+        those two rows, not to every token x the whole vocabulary (for a 150k-vocabulary PRM that is most of
+        a full forward's memory)."""
         if self.format == "math_shepherd" and self.head is not None:
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             picked = hidden[which.to(hidden.device), where.to(hidden.device)]
             bias = None if self.head.bias is None else self.head.bias[self.candidates]
-            logits = torch.zeros(len(picked), max(self.candidates) + 1, device=picked.device, dtype=picked.dtype)
-            logits[:, self.candidates] = torch.nn.functional.linear(picked, self.head.weight[self.candidates], bias)
-            return logits
+            return torch.nn.functional.linear(picked, self.head.weight[self.candidates], bias)
         result = self.model(input_ids=ids, attention_mask=mask)
         logits = result.logits if hasattr(result, "logits") else result[0]
-        return logits[which.to(logits.device), where.to(logits.device)]
+        logits = logits[which.to(logits.device), where.to(logits.device)]
+        return logits[:, self.candidates] if self.format == "math_shepherd" else logits
 
     def compute(self, batch: Batch) -> list[float]:
         steps = [[s for s, _ in self.split.split(text)] for text in batch.completion]
