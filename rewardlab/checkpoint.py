@@ -6,7 +6,9 @@ Layout under the run directory:
     checkpoints/iter_0003/state.pt  iteration, the algorithm's `state_dict()` (optimizer, scheduler, its
                                     torch.Generator, what it carries across iterations), the prompt
                                     sampler's cursor, the python/numpy/torch(/cuda) RNG states of
-                                    every rank (rank 0 writes; ranks hold the same weights)
+                                    every rank (rank 0 writes; ranks hold the same weights;
+                                    under FSDP weights and optimizer state are gathered whole
+                                    first, so a checkpoint does not depend on the sharding)
     checkpoints/latest              the name of the newest complete checkpoint, written last
 A checkpoint is built in a temporary directory, synced, renamed into place, and only then named by
 `latest` (itself replaced atomically), so a crash or a full disk at any moment leaves the previous
@@ -35,6 +37,7 @@ from rewardlab import distributed
 from rewardlab.distributed import Dist
 from rewardlab.errors import UserError
 from rewardlab.io import write_text_atomic
+from rewardlab.sharding import full_model_state
 
 FORMAT = 1
 STATE = "state.pt"
@@ -147,9 +150,12 @@ class Checkpointer:
 
     def save(self, iteration: int, policy, algo, sampler) -> Path:
         """Write the state after `iteration` atomically, mark it latest, and drop the oldest beyond `keep`.
-        Every rank calls it (its RNG states are gathered); rank 0 writes."""
+        Every rank calls it (its RNG states are gathered, and under FSDP the weights and optimizer
+        state); rank 0 writes."""
         final = self.root / f"iter_{iteration:04d}"
         rngs = distributed.gather_to_main(self.dist, rng_state())
+        whole = full_model_state(policy.model)  # None unless sharded: save_pretrained reads the model
+        algo_state = algo.state_dict()
         if not self.dist.is_main:
             return final
         self.root.mkdir(parents=True, exist_ok=True)
@@ -159,9 +165,9 @@ class Checkpointer:
         try:
             tmp.mkdir()
             with _no_progress_bars():
-                policy.model.save_pretrained(tmp / "policy")
+                policy.model.save_pretrained(tmp / "policy", state_dict=whole)
             policy.tokenizer.save_pretrained(tmp / "policy")
-            torch.save({"format": FORMAT, "iteration": iteration, "algo": algo.state_dict(),
+            torch.save({"format": FORMAT, "iteration": iteration, "algo": algo_state,
                         "sampler": sampler.state_dict(), "rng": rngs, "policy_source": policy.source},
                        tmp / STATE)
             _fsync_tree(tmp)

@@ -155,13 +155,16 @@ def should_update(dist: Dist, algo: Any, rows: int) -> bool:
 
 def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Average `.grad` over ranks, one flattened all-reduce per dtype, before clipping and the optimizer
-    step, so every rank applies the same update and clipping sees the global gradient's norm."""
+    step, so every rank applies the same update and clipping sees the global gradient's norm.
+    Sharded (FSDP) parameters are skipped: their backward already reduce-scattered the gradients."""
     if not (torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
         return
+    from torch.distributed.tensor import DTensor
+
     world = torch_dist.get_world_size()
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
     for p in parameters:
-        if p.requires_grad:
+        if p.requires_grad and not isinstance(p, DTensor):
             if p.grad is None:  # a parameter unused on this rank still joins the collective
                 p.grad = torch.zeros_like(p)
             by_dtype.setdefault(p.grad.dtype, []).append(p)
@@ -176,6 +179,17 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
             offset += n
 
 
+@torch.no_grad()
+def broadcast_parameters(dist: Dist, model: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters, as DistributedDataParallel does when it wraps a model: ranks
+    seed their samplers differently, so anything initialised at random when the policy is built (LoRA
+    adapters) would otherwise start different on each rank."""
+    if not dist.active:
+        return
+    for p in model.parameters():
+        torch_dist.broadcast(p.data, src=0)
+
+
 def gather_to_main(dist: Dist, obj: T) -> list[T] | None:
     """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); [obj] with one process."""
     if not dist.active:
@@ -186,11 +200,13 @@ def gather_to_main(dist: Dist, obj: T) -> list[T] | None:
 
 
 def param_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter's bytes in name order: equal digests mean equal weights."""
+    """sha256 of every parameter's bytes in name order: equal digests mean equal weights. A sharded
+    (FSDP) parameter is gathered whole first, so every rank must call it."""
     digest = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        whole = p.full_tensor() if hasattr(p, "full_tensor") else p
         digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(whole.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

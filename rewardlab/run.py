@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rewardlab import distributed
+from rewardlab import distributed, sharding
 from rewardlab.algos import AlgoContext
 from rewardlab.checkpoint import Checkpointer, resume_target
 from rewardlab.data.base import PromptSampler
@@ -91,6 +91,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
     cfg, run_dir = resume_target(cfg, run_dir)
     dist = distributed.setup()
     distributed.check_sizes(dist, cfg.run.prompts_per_iteration, cfg.run.eval_size)
+    sharded = sharding.FSDP.from_launch() if dist.active else None  # an `accelerate launch` FSDP config
     console.quiet = not dist.is_main  # progress lines once, from rank 0
     setup_torch(cfg.run, dist.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +100,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
 
     task = instantiate(cfg.dataset)
     policy = instantiate(cfg.policy, device=distributed.device_for(dist, cfg.run.device), log=console.print)
+    distributed.broadcast_parameters(dist, policy.model)  # LoRA adapters start the same on every rank
     task.prepare(policy.tokenizer)
     generator = instantiate(cfg.generation, policy=policy)
     reward = instantiate(cfg.reward)
@@ -118,6 +120,11 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
     test_set = distributed.shard(test_set, dist.rank, dist.world_size)
     checkpoints = Checkpointer(run_dir, cfg.run.keep_checkpoints, dist)
     completed = checkpoints.restore(policy, algo, sampler)
+    if sharded is not None:  # after the restore: checkpoints hold whole weights
+        sharding.check_generator(generator)
+        policy.shard(sharded)
+        console.print(f"FSDP: parameters, gradients and optimizer state sharded over {dist.world_size} "
+                      f"processes ({sharded.name})")
     start = 0 if completed is None else completed + 1
     if completed is not None:
         console.print(f"resuming {run_dir} after iteration {completed} of {cfg.run.iterations}")
@@ -140,7 +147,8 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
 
     def run_eval() -> dict[str, float]:
         began = time.perf_counter()
-        out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples)
+        with policy.full_weights():
+            out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples)
         out["time/eval"] = time.perf_counter() - began
         return distributed.reduce_metrics(dist, out, weight=len(test_set))
 
@@ -161,9 +169,10 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
 
                 progress.stage(iteration, "generate")
                 prompts = distributed.shard(sampler.sample(cfg.run.prompts_per_iteration), dist.rank, dist.world_size)
-                batch = rollouts(prompts, iteration, row)
-                batch, kept, filter_metrics = collect(
-                    batch, filters, lambda n: rollouts(sampler.sample(n), iteration, row), len(prompts))
+                with policy.full_weights():  # FSDP: whole weights on every rank while it samples and scores
+                    batch = rollouts(prompts, iteration, row)
+                    batch, kept, filter_metrics = collect(
+                        batch, filters, lambda n: rollouts(sampler.sample(n), iteration, row), len(prompts))
                 row.update(batch_metrics(batch))
                 row.update(reward.metrics(batch))
                 row.update(hacking_metrics(batch, task))
@@ -196,9 +205,11 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
                 with guard.deferred():
                     checkpoints.save(iteration, policy, algo, sampler)
     finally:
-        extra = {"run_dir": str(run_dir), "world_size": dist.world_size}
+        extra = {"run_dir": str(run_dir), "world_size": dist.world_size,
+                 "sharding": sharded.name if sharded is not None else "none"}
         if dist.active:
             extra["rank_param_sha256"] = distributed.gather_to_main(dist, distributed.param_digest(policy.model))
+            extra["rank_local_params"] = distributed.gather_to_main(dist, sharding.local_parameters(policy.model))
         if dist.is_main:
             write_summary(run_dir, metrics.rows, extra)
         logger.finish()

@@ -75,6 +75,7 @@ def test_restore_brings_back_weights_optimizer_rngs_and_cursor(task, tmp_path):
     assert store.restore(fresh_policy, fresh_algo, fresh_sampler) == 3
     for k, v in weights(fresh_policy).items():
         assert torch.equal(saved_weights[k], v), k
+    fresh_algo.setup(fresh_policy)  # the optimizer is built (with the restored state) at the first update
     restored_optim = fresh_algo.optimizer.state_dict()["state"]
     for pid, state in saved_optim["state"].items():
         assert torch.equal(state["exp_avg"], restored_optim[pid]["exp_avg"])

@@ -23,6 +23,7 @@ from rewardlab.algos.losses import Tensors, aggregate, clipped_loss, to_tensors,
 from rewardlab.config import schema
 from rewardlab.distributed import all_reduce_gradients
 from rewardlab.errors import UserError
+from rewardlab.sharding import is_sharded, load_optimizer_state, micro_steps, optimizer_state
 from rewardlab.rollout import Batch
 from rewardlab.steps import step_char_ends, step_token_ends
 
@@ -94,21 +95,31 @@ class PolicyGradient:
         self.updates = 0
         self.generator = torch.Generator().manual_seed(context.seed)
         self.optimizer: torch.optim.Optimizer | None = None
+        self._model: torch.nn.Module | None = None
+        self._saved_optimizer: dict[str, Any] | None = None  # restored, applied when the optimizer is built
 
     # ---- state carried across iterations (checkpointed) -----------------------------------------
     def setup(self, policy) -> None:
+        """Build the optimizer over the policy's parameters as they are now (sharded under FSDP, which
+        happens after a checkpoint is restored), with the restored optimizer state if there is one."""
         if self.optimizer is None:
+            self._model = policy.model
             self.optimizer = torch.optim.AdamW(policy.model.parameters(), lr=self.cfg.lr,
                                                weight_decay=self.cfg.weight_decay, betas=tuple(self.cfg.betas))
+            if self._saved_optimizer is not None:
+                load_optimizer_state(policy.model, self.optimizer, self._saved_optimizer)
+                self._saved_optimizer = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict() if self.optimizer else None, "updates": self.updates,
-                "generator": self.generator.get_state()}
+        """Every rank calls it (under FSDP the optimizer state is gathered to rank 0, keyed by name)."""
+        optimizer = self._saved_optimizer
+        if self.optimizer is not None:
+            optimizer = optimizer_state(self._model, self.optimizer)
+        return {"optimizer": optimizer, "updates": self.updates, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any], policy) -> None:
-        self.setup(policy)
-        if state.get("optimizer"):
-            self.optimizer.load_state_dict(state["optimizer"])
+        self._saved_optimizer = state.get("optimizer") or None
+        self.optimizer = None
         self.updates = state["updates"]
         self.generator.set_state(state["generator"])
 
@@ -164,7 +175,8 @@ class PolicyGradient:
             token_adv = adv
         n = len(batch)
         if cfg.num_iterations > 1 or 0 < cfg.minibatch_size < n:
-            old = self._old_logprobs(batch, model, t)
+            with policy.full_weights():
+                old = self._old_logprobs(batch, model, t)
         else:
             old = None  # one optimizer step on the sampling policy: rho = 1 exactly
         ref = self._ref_logprobs(policy, t) if cfg.beta > 0 else None
@@ -199,7 +211,12 @@ class PolicyGradient:
         n_seqs, n_tokens = len(rows), float(mask[rows].sum())
         totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
         micro_rows = self._micro_rows(t)
-        for start in range(0, len(rows), micro_rows):
+        starts = list(range(0, len(rows), micro_rows))
+        padded = micro_steps(len(starts), is_sharded(model))
+        for index in range(padded):
+            # under FSDP a rank with fewer micro-batches repeats its first with zero weight: every rank
+            # must run the same number of forward/backward passes (each gathers and reduces with all)
+            start, weight = (starts[index], 1.0) if index < len(starts) else (0, 0.0)
             micro = rows[start : start + micro_rows]
             m = mask[micro]
             logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=True)
@@ -207,16 +224,18 @@ class PolicyGradient:
             token_loss, stats = clipped_loss(logps, old_logps, adv[micro], m, cfg.eps_low, cfg.eps_high,
                                              cfg.beta, None if ref is None else ref[micro])
             loss = aggregate(token_loss, m, cfg.loss_agg, n_seqs, n_tokens, self.max_new_tokens)
-            loss.backward()
+            (loss * weight).backward()
+            if weight == 0.0:
+                continue
             totals["loss"] += float(loss.detach())
             totals["entropy"] += float((entropy * m).sum()) / max(n_tokens, 1.0)
             totals["clip_fraction"] += float((stats["clipped"] * m).sum()) / max(n_tokens, 1.0)
             if "kl" in stats:
                 totals["kl"] += float((stats["kl"] * m).sum()) / max(n_tokens, 1.0)
-        all_reduce_gradients(model.parameters())  # data parallel: average over ranks (no-op in one process)
+        all_reduce_gradients(model.parameters())  # data parallel: average over ranks (no-op in one process or FSDP)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         self.optimizer.step()
-        totals["grad_norm"] = float(norm)
+        totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         return totals
 
     @torch.no_grad()
@@ -229,7 +248,7 @@ class PolicyGradient:
 
     @torch.no_grad()
     def _ref_logprobs(self, policy, t: Tensors) -> torch.Tensor:
-        with policy.reference() as reference:
+        with policy.reference() as reference, policy.full_weights(reference):
             return self._forward_logprobs(reference, t)
 
     def _micro_rows(self, t: Tensors) -> int:

@@ -1,0 +1,192 @@
+"""Fully sharded data parallel training (torch FSDP2) under `accelerate launch --config_file conf/accelerate/fsdp*.yaml`.
+
+accelerate's launcher exports the config's `fsdp_*` keys (ACCELERATE_USE_FSDP, FSDP_*) and its
+FullyShardedDataParallelPlugin parses them; torch's `fully_shard` does the sharding. Each transformer block
+(the auto-wrap policy: the model's `_no_split_modules`, or `fsdp_transformer_layer_cls_to_wrap`) becomes one
+FSDP unit and the root holds the rest, so parameters, gradients and AdamW state live 1/world_size per rank.
+`fsdp_reshard_after_forward: true` is FULL_SHARD (ZeRO-3), `false` is SHARD_GRAD_OP (ZeRO-2).
+
+What a loop that owns its own generation needs beside that:
+- Decoding, scoring with the policy and the no-grad log-prob passes run under `full_weights`: every unit is
+  gathered once and kept whole until the block ends (as TRL gathers ZeRO-3 weights for generation), so
+  ranks decode different numbers of steps without waiting on each other's all-gathers.
+- The training forward/backward passes are collectives, so every rank runs the same number of micro-batches
+  per optimizer step (`micro_steps`; a rank with fewer repeats one with zero weight).
+- Checkpoints hold the full (unsharded) weights and optimizer state, gathered to rank 0, so a checkpoint
+  loads with `from_pretrained` and resumes under any number of processes, sharded or not.
+Generation needs the whole model on each rank for a moment; what sharding saves is the training state
+(gradients, optimizer moments, activations' parameter copies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as torch_dist
+
+from rewardlab.errors import UserError
+
+
+def launched_with_fsdp() -> bool:
+    """Whether `accelerate launch` was given an FSDP config (it exports ACCELERATE_USE_FSDP=true)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _units(model: torch.nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return bool(_units(model))
+
+
+@dataclass
+class FSDP:
+    """The FSDP settings of this launch (from accelerate's plugin) and what they do to a model."""
+
+    reshard_after_forward: bool = True
+    offload_policy: Any = None  # torch's OffloadPolicy (none) or CPUOffloadPolicy (fsdp_offload_params: true)
+    plugin: Any = None  # accelerate's FullyShardedDataParallelPlugin: the auto-wrap policy
+
+    @property
+    def name(self) -> str:
+        """How the launch shards, in FSDP1's words: full_shard (ZeRO-3) or shard_grad_op (ZeRO-2)."""
+        return "fsdp_full_shard" if self.reshard_after_forward else "fsdp_shard_grad_op"
+
+    @classmethod
+    def from_launch(cls) -> "FSDP | None":
+        """The launch's FSDP settings, or None when it is not an FSDP launch."""
+        if not launched_with_fsdp():
+            return None
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()
+        if plugin.fsdp_version != 2:
+            raise UserError(f"the accelerate config sets fsdp_version: {plugin.fsdp_version}; rewardlab shards with "
+                            f"FSDP2 (torch fully_shard): set fsdp_version: 2 (conf/accelerate/fsdp.yaml)")
+        if plugin.cpu_ram_efficient_loading:
+            raise UserError("the accelerate config sets fsdp_cpu_ram_efficient_loading: true, which loads the weights "
+                            "on rank 0 only; rewardlab shards weights every rank has loaded: set it to false")
+        reshard = plugin.reshard_after_forward
+        if not isinstance(reshard, bool):  # an FSDP1 sharding strategy name
+            reshard = str(reshard).upper().endswith("FULL_SHARD")
+        return cls(reshard_after_forward=reshard, offload_policy=plugin.cpu_offload, plugin=plugin)
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Shard `model` in place (every rank holds the same full weights before): one unit per
+        transformer block, the root last. The root keeps its parameters gathered after forward, as
+        accelerate and torchtitan do: backward needs them first."""
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+        from torch.distributed.fsdp import OffloadPolicy, fully_shard
+
+        offload = self.offload_policy or OffloadPolicy()
+        wrap = fsdp2_prepare_auto_wrap_policy(self.plugin, model) if self.plugin is not None else None
+        if wrap is None and self.plugin is None:
+            names = set(getattr(model, "_no_split_modules", None) or [])
+            wrap = lambda module: type(module).__name__ in names  # noqa: E731
+        if wrap is not None:
+            for module in [m for m in model.modules() if m is not model]:
+                if wrap(module):
+                    fully_shard(module, reshard_after_forward=self.reshard_after_forward, offload_policy=offload)
+        fully_shard(model, reshard_after_forward=False, offload_policy=offload)
+        return model
+
+    @contextlib.contextmanager
+    def full_weights(self, model: torch.nn.Module) -> Iterator[None]:
+        """Every FSDP unit of `model` gathered and kept whole until the block ends (a collective: every
+        rank enters and leaves together); inside, forward passes need no communication."""
+        units = _units(model)
+        if not units:
+            yield
+            return
+        for unit in units:
+            unit.unshard()
+        model.set_reshard_after_forward(False)
+        try:
+            yield
+        finally:
+            model.set_reshard_after_forward(self.reshard_after_forward)
+            model.set_reshard_after_forward(False, recurse=False)
+            for unit in units:
+                unit.reshard()
+
+
+def local_parameters(model: torch.nn.Module) -> int:
+    """The parameter elements this rank holds: all of them, or its shards under FSDP."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+
+
+def check_generator(generator: Any) -> None:
+    """FSDP runs decode with the transformers backend, whose model is the sharded policy itself."""
+    from rewardlab.generation.hf import HFGenerator
+
+    if not isinstance(generator, HFGenerator):
+        raise UserError(f"{type(generator).__name__} does not take sharded weights; under an FSDP launch use "
+                        f"generation=hf, or train without the FSDP config")
+
+
+# ---- state dicts that work the same for sharded and plain models ---------------------------------
+
+
+def _options(**kwargs: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of a sharded model on rank 0 (CPU), None on the other ranks (a collective);
+    None for a plain model, whose own save_pretrained reads it."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+    if torch_dist.get_rank() != 0:
+        return None
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights (embeddings / lm_head)
+        if id(p) in first and name in state and first[id(p)] in state:
+            state[name] = state[first[id(p)]]  # one tensor again, so save_pretrained writes it once
+        first.setdefault(id(p), name)
+    return state
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's whole state keyed by parameter name (rank 0 holds it under FSDP; a collective
+    there), the same for sharded and plain models, so either can resume the other."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load what `optimizer_state` wrote (every rank passes the whole state), or a plain
+    `optimizer.state_dict()` from checkpoints before names were used."""
+    if all(isinstance(k, int) for k in state.get("state", {})) and all(
+            isinstance(p, int) for g in state.get("param_groups", []) for p in g["params"]):
+        if is_sharded(model):
+            raise UserError("this checkpoint's optimizer state predates sharded training; continue it without "
+                            "the FSDP config, or start a new run")
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    optimizer.zero_grad(set_to_none=True)  # with gradients present torch skips building the state it fills
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_options(full_state_dict=True))
+
+
+def micro_steps(count: int, sharded: bool) -> int:
+    """Micro-batches this rank runs in an optimizer step: its own `count`, or under FSDP the largest
+    count over the ranks (each forward/backward all-gathers and reduce-scatters with every rank)."""
+    if not sharded or not torch_dist.is_initialized():
+        return count
+    counts: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(counts, count)  # pickled: works over gloo and NCCL alike
+    return max(counts)
