@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -71,7 +72,8 @@ def _train_task(cfg) -> None:
     except Preempted as exc:
         typer.echo(f"preempted: {exc}; resume with the same command or `rewardlab train resume={run_dir}`", err=True)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
-    typer.echo(f"run dir: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun / accelerate launch
+        typer.echo(f"run dir: {run_dir}")
 
 
 def _eval_task(cfg) -> None:

@@ -1,0 +1,228 @@
+"""Sharded training (FSDP2) under `accelerate launch --config_file conf/accelerate/fsdp*.yaml`, on CPU over gloo.
+
+Every FSDP run is checked against plain data parallelism (torchrun, gradients all-reduced) on the same
+config: with two ranks the sums are the same, so the weights must come out equal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewardlab import sharding
+from rewardlab.errors import UserError
+from test_distributed import TINY_GRPO, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+# a KL term (the sharded reference model), two passes of minibatches (old log-probs, optimizer state
+# that matters on resume) and micro-batches of 4 rows
+UPDATE = ["algo.beta=0.04", "algo.minibatch_size=8", "algo.num_iterations=2", "algo.micro_batch_size=4"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def where(run_dir: Path, overrides: tuple[str, ...]) -> list[str]:
+    """The overrides with the run directory named (`resume=` names it itself)."""
+    resumed = any(o.startswith("resume=") for o in overrides)
+    return [*overrides] if resumed else [*overrides, f"hydra.run.dir={run_dir}"]
+
+
+def torchrun(run_dir: Path, *overrides: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "rewardlab", "train", *where(run_dir, overrides)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def accelerate(config: str, run_dir: Path, *overrides: str) -> str:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "conf" / "accelerate" / config),
+           "--num_processes", "2", "--main_process_port", str(free_port()),
+           "-m", "rewardlab", "train", *where(run_dir, overrides)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return " ".join((result.stdout + result.stderr).split())  # rich wraps long lines
+
+
+def final_weights(run_dir: Path, iteration: int = 2) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    folder = run_dir / "checkpoints" / f"iter_{iteration:04d}" / "policy"
+    return load_file(next(folder.glob("*.safetensors")))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b]
+    for x, y in zip(a, b):
+        for key, value in x.items():
+            if not key.startswith("time/"):
+                assert y[key] == pytest.approx(value, abs=1e-6), (x["iteration"], key)
+
+
+def rewind(run_dir: Path, copy: Path, to: int) -> Path:
+    """A copy of a finished run as a kill during iteration `to`+1 leaves it: that checkpoint is the latest."""
+    shutil.copytree(run_dir, copy)
+    for path in (copy / "checkpoints").glob("iter_*"):
+        if int(path.name.split("_")[1]) > to:
+            shutil.rmtree(path)
+    (copy / "checkpoints" / "latest").write_text(f"iter_{to:04d}\n")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The same two-iteration GRPO run under plain data parallelism and under FSDP (FULL_SHARD)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    out = {"ddp": root / "ddp", "fsdp": root / "fsdp"}
+    torchrun(out["ddp"], *TINY_GRPO, *UPDATE)
+    out["stdout"] = accelerate("fsdp.yaml", out["fsdp"], *TINY_GRPO, *UPDATE)
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_policy_and_trains_exactly_as_data_parallel(runs):
+    from rewardlab.policy import load_policy
+
+    summary = json.loads((runs["fsdp"] / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sharding"] == "fsdp_full_shard"
+    assert "sharded over 2 processes (fsdp_full_shard)" in runs["stdout"]
+    total = sum(p.numel() for p in load_policy(device="cpu", log=lambda *_: None).model.parameters())
+    assert all(n < 0.6 * total for n in summary["rank_local_params"])  # each rank holds about half
+    assert json.loads((runs["ddp"] / "summary.json").read_text())["sharding"] == "none"
+
+    assert_same_metrics(rows(runs["ddp"]), rows(runs["fsdp"]))  # same samples, rewards, KL, losses, eval
+    assert rows(runs["fsdp"])[1]["update/steps"] == 2.0 and "kl" in rows(runs["fsdp"])[1]
+    assert_same_weights(final_weights(runs["ddp"]), final_weights(runs["fsdp"]))
+    # written once, whole: the checkpoint loads with from_pretrained like any other
+    loaded = load_policy(path=str(runs["fsdp"] / "checkpoints" / "iter_0002" / "policy"), device="cpu",
+                         log=lambda *_: None)
+    assert_same_weights({k: v for k, v in loaded.model.state_dict().items() if k in final_weights(runs["fsdp"])},
+                        final_weights(runs["fsdp"]))
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_sharding(runs, tmp_path: Path):
+    """Killed after iteration 1: an FSDP run resumes under plain data parallelism, a data-parallel run
+    under SHARD_GRAD_OP, and both end exactly where the uninterrupted runs did."""
+    from_fsdp = rewind(runs["fsdp"], tmp_path / "from_fsdp", to=1)
+    torchrun(from_fsdp, f"resume={from_fsdp}")
+    from_ddp = rewind(runs["ddp"], tmp_path / "from_ddp", to=1)
+    stdout = accelerate("fsdp_shard_grad_op.yaml", from_ddp, f"resume={from_ddp}")
+    assert "resuming" in stdout and "(fsdp_shard_grad_op)" in stdout
+    for resumed, original in ((from_fsdp, runs["fsdp"]), (from_ddp, runs["ddp"])):
+        assert_same_weights(final_weights(original), final_weights(resumed))
+        assert_same_metrics(rows(original), rows(resumed))
+
+
+@pytest.mark.slow
+def test_lora_adapters_start_equal_on_every_rank_and_shard(tmp_path: Path):
+    """Adapters are initialised at random; ranks seed differently, so rank 0's are broadcast. Under
+    FSDP the frozen base and the adapters are sharded together."""
+    lora = [*TINY_GRPO, "policy.lora.r=8", "algo.beta=0.04"]
+    torchrun(tmp_path / "ddp", *lora)
+    accelerate("fsdp.yaml", tmp_path / "fsdp", *lora)
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert len(set(ddp["rank_param_sha256"])) == 1
+    assert (tmp_path / "fsdp" / "checkpoints" / "iter_0002" / "policy" / "adapter_config.json").exists()
+    assert_same_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp"))
+    assert_same_metrics(rows(tmp_path / "ddp"), rows(tmp_path / "fsdp"))
+
+
+def _uneven_worker(rank: int, port: int, out: str) -> None:
+    """Rank 0 trains on 8 rows, rank 1 on 4 (3 vs 1 micro-batches of 3): once sharded, once plain with
+    all-reduced gradients. Sharded, rank 1 must join rank 0's extra forward/backward passes."""
+    import torch.distributed as torch_dist
+
+    from rewardlab.algos import AlgoContext
+    from rewardlab.algos.pg import PolicyGradient
+    from rewardlab.data.arith import ArithTask
+    from rewardlab.generation.hf import HFGenerator
+    from rewardlab.policy import load_policy
+
+    from datetime import timedelta
+
+    # a rank left waiting in a collective fails after 2 minutes instead of hanging the suite
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                  timeout=timedelta(minutes=2))
+    torch.manual_seed(rank)
+    task = ArithTask(train_size=16, test_size=4)
+    plain = load_policy(device="cpu", log=lambda *_: None)
+    prompts = list(task.train_examples())[rank * 4: rank * 4 + (2 if rank == 0 else 1)]
+    batch = HFGenerator(plain, sampling={"max_new_tokens": 12}).generate(prompts, n=4)
+    batch.reward = [float(i % 3 == 0) for i in range(len(batch))]
+    models, norms = {}, {}
+    for name in ("plain", "sharded"):
+        policy = load_policy(device="cpu", log=lambda *_: None)
+        if name == "sharded":
+            policy.shard(sharding.FSDP(reshard_after_forward=True))
+        algo = PolicyGradient(AlgoContext(temperature=1.0, max_new_tokens=12, seed=0), samples_per_prompt=4,
+                              minibatch_size=0, micro_batch_size=3, lr=1e-3)
+        norms[name] = algo.update(policy, batch)["grad_norm"]
+        models[name] = policy.model
+    start = load_policy(device="cpu", log=lambda *_: None).model.state_dict()
+    plain = models["plain"].state_dict()
+    sharded = {k: v.full_tensor() for k, v in models["sharded"].state_dict().items()}
+    Path(out, f"{rank}.json").write_text(json.dumps({
+        "norms": norms, "keys_equal": sorted(plain) == sorted(sharded),
+        "diff": max(float((plain[k] - sharded[k]).abs().max()) for k in plain),
+        "moved": max(float((plain[k] - start[k]).abs().max()) for k in plain)}))
+    torch_dist.destroy_process_group()
+
+
+def test_ranks_with_unequal_micro_batches_train_as_data_parallel(tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_uneven_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1]  # both ranks agree on the weights and the gradient norm
+    assert seen[0]["norms"]["sharded"] == pytest.approx(seen[0]["norms"]["plain"], rel=1e-5)
+    assert seen[0]["keys_equal"] and seen[0]["moved"] > 1e-4  # the update moved the weights...
+    assert seen[0]["diff"] < 1e-5  # ...the same way (sums in another order, which AdamW scales up: not bit-equal)
+
+
+def test_fsdp_settings_come_from_the_accelerate_launch(monkeypatch):
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        monkeypatch.delenv(key, raising=False)
+    assert sharding.FSDP.from_launch() is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    assert sharding.FSDP.from_launch().name == "fsdp_shard_grad_op"
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    assert sharding.FSDP.from_launch().name == "fsdp_full_shard"
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(UserError, match="fsdp_cpu_ram_efficient_loading: true"):
+        sharding.FSDP.from_launch()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(UserError, match="set fsdp_version: 2"):
+        sharding.FSDP.from_launch()
+
+
+def test_fsdp_refuses_a_generator_that_does_not_use_the_policy_model():
+    with pytest.raises(UserError, match="under an FSDP launch use generation=hf"):
+        sharding.check_generator(object())
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "fsdp_shard_grad_op.yaml"])
+def test_the_shipped_fsdp_configs_parse_as_fsdp2(name: str):
+    import yaml
+
+    config = yaml.safe_load((REPO / "conf" / "accelerate" / name).read_text())
+    assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
+    assert config["fsdp_config"]["fsdp_reshard_after_forward"] is (name == "fsdp.yaml")
+    assert config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False
