@@ -154,16 +154,22 @@ class Checkpointer:
         state); rank 0 writes."""
         final = self.root / f"iter_{iteration:04d}"
         rngs = distributed.gather_to_main(self.dist, rng_state())
-        whole = full_model_state(policy.model)  # None unless sharded: save_pretrained reads the model
+        sharded = getattr(policy, "sharding", None)
+        whole = full_model_state(policy.model, sharded)  # None unless sharded: save_pretrained reads the model
         algo_state = algo.state_dict()
+        tmp = self.root / f".tmp-{final.name}"
+        per_rank = getattr(sharded, "engine", None) is not None  # DeepSpeed: every rank writes its part
+        if self.dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for leftover in self.root.glob(".tmp-*"):  # a save interrupted by a kill
+                shutil.rmtree(leftover, ignore_errors=True)
+            tmp.mkdir()
+        if per_rank:
+            torch.distributed.barrier()
+            sharded.save(tmp / "deepspeed")
         if not self.dist.is_main:
             return final
-        self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(".tmp-*"):  # a save interrupted by a kill
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
         try:
-            tmp.mkdir()
             with _no_progress_bars():
                 policy.model.save_pretrained(tmp / "policy", state_dict=whole)
             policy.tokenizer.save_pretrained(tmp / "policy")
@@ -203,7 +209,11 @@ class Checkpointer:
             raise UserError(f"checkpoint {path} has format {state.get('format')}, this rewardlab reads {FORMAT}")
         with _no_progress_bars():
             load_weights(policy, path / "policy")
-        algo.load_state_dict(state["algo"], policy)
+        algo_state = state["algo"]
+        saved_optimizer = algo_state.get("optimizer") if isinstance(algo_state, dict) else None
+        if isinstance(saved_optimizer, dict) and "deepspeed" in saved_optimizer:  # files beside state.pt
+            saved_optimizer["deepspeed"] = str(path / saved_optimizer["deepspeed"])
+        algo.load_state_dict(algo_state, policy)
         sampler.load_state_dict(state["sampler"])
         if len(state["rng"]) == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])

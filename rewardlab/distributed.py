@@ -59,8 +59,15 @@ def setup() -> Dist:
         return Dist()
     from accelerate import PartialState
 
-    # Without cpu=True PartialState ignores WORLD_SIZE on a machine without CUDA and stays single-process.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    from rewardlab.sharding import launched_with_deepspeed
+
+    if launched_with_deepspeed():
+        # accelerate chooses DeepSpeed only with cpu=False; without CUDA it then picks no backend and
+        # counts one process, unless told gloo (DeepSpeed runs ZeRO on CPU over gloo)
+        state = PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo"}))
+    else:
+        # Without cpu=True PartialState ignores WORLD_SIZE on a machine without CUDA and stays single-process.
+        state = PartialState(cpu=not torch.cuda.is_available())
     return Dist(rank=state.process_index, world_size=state.num_processes, device=str(state.device))
 
 
@@ -206,7 +213,8 @@ def param_digest(model: torch.nn.Module) -> str:
     for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
         whole = p.full_tensor() if hasattr(p, "full_tensor") else p
         digest.update(name.encode())
-        digest.update(whole.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        # a copy: numpy() marks the storage it shares as not resizable, and FSDP frees gathered weights
+        digest.update(whole.detach().to("cpu", copy=True).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -91,7 +91,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
     cfg, run_dir = resume_target(cfg, run_dir)
     dist = distributed.setup()
     distributed.check_sizes(dist, cfg.run.prompts_per_iteration, cfg.run.eval_size)
-    sharded = sharding.FSDP.from_launch() if dist.active else None  # an `accelerate launch` FSDP config
+    sharded = sharding.from_launch() if dist.active else None  # an `accelerate launch` FSDP / DeepSpeed config
     console.quiet = not dist.is_main  # progress lines once, from rank 0
     setup_torch(cfg.run, dist.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,8 +123,8 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
     if sharded is not None:  # after the restore: checkpoints hold whole weights
         sharding.check_generator(generator)
         policy.shard(sharded)
-        console.print(f"FSDP: parameters, gradients and optimizer state sharded over {dist.world_size} "
-                      f"processes ({sharded.name})")
+        algo.setup(policy)  # the optimizer over the shards now (DeepSpeed builds its engine), restored state in
+        console.print(f"sharded training over {dist.world_size} processes ({sharded.name})")
     start = 0 if completed is None else completed + 1
     if completed is not None:
         console.print(f"resuming {run_dir} after iteration {completed} of {cfg.run.iterations}")
@@ -208,7 +208,8 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
         extra = {"run_dir": str(run_dir), "world_size": dist.world_size,
                  "sharding": sharded.name if sharded is not None else "none"}
         if dist.active:
-            extra["rank_param_sha256"] = distributed.gather_to_main(dist, distributed.param_digest(policy.model))
+            with policy.full_weights():  # ZeRO-3 / FSDP: every rank sees the whole weights
+                extra["rank_param_sha256"] = distributed.gather_to_main(dist, distributed.param_digest(policy.model))
             extra["rank_local_params"] = distributed.gather_to_main(dist, sharding.local_parameters(policy.model))
         if dist.is_main:
             write_summary(run_dir, metrics.rows, extra)

@@ -1,4 +1,5 @@
-"""Fully sharded data parallel training (torch FSDP2) under `accelerate launch --config_file conf/accelerate/fsdp*.yaml`.
+"""Sharded training under `accelerate launch`: FSDP2 (conf/accelerate/fsdp*.yaml) or DeepSpeed ZeRO-2/3
+(conf/accelerate/deepspeed_zero*.yaml, the `DeepSpeed` class below).
 
 accelerate's launcher exports the config's `fsdp_*` keys (ACCELERATE_USE_FSDP, FSDP_*) and its
 FullyShardedDataParallelPlugin parses them; torch's `fully_shard` does the sharding. Each transformer block
@@ -117,18 +118,130 @@ class FSDP:
                 unit.reshard()
 
 
+def launched_with_deepspeed() -> bool:
+    """Whether `accelerate launch` was given a DeepSpeed config (it exports ACCELERATE_USE_DEEPSPEED=true)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+@dataclass
+class DeepSpeed:
+    """DeepSpeed ZeRO stage 2 or 3 through accelerate (its DeepSpeedPlugin reads the launch's
+    `deepspeed_config`). DeepSpeed owns the optimizer: the engine is built by `accelerator.prepare` when the
+    policy-gradient update builds its optimizer, and from then on backward and step go through it.
+    Stage 3 partitions the parameters: decoding and no-grad passes gather them (TRL's
+    `unwrap_model_for_generation`, which also lifts ZeRO-3's hooks so ranks decode independently).
+    The optimizer state stays partitioned in checkpoints (DeepSpeed's own files, one per rank), so a
+    DeepSpeed run resumes with the number of processes that wrote it."""
+
+    accelerator: Any
+    stage: int
+    engine: Any = None
+
+    @property
+    def name(self) -> str:
+        return f"deepspeed_zero{self.stage}"
+
+    @classmethod
+    def from_launch(cls) -> "DeepSpeed | None":
+        if not launched_with_deepspeed():
+            return None
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        plugin = accelerator.state.deepspeed_plugin
+        stage = int(plugin.zero_stage)
+        if stage not in (2, 3):
+            raise UserError(f"the accelerate config sets zero_stage: {stage}; rewardlab trains with ZeRO stage 2 or 3 "
+                            f"(conf/accelerate/deepspeed_zero2.yaml, deepspeed_zero3.yaml)")
+        if plugin.zero3_init_flag:
+            raise UserError("the accelerate config sets zero3_init_flag: true; rewardlab loads every model whole and "
+                            "DeepSpeed partitions the policy at the first update: set zero3_init_flag: false")
+        _models_load_whole()
+        return cls(accelerator=accelerator, stage=stage)
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Nothing yet: DeepSpeed partitions the policy when its optimizer exists (`prepare`); other
+        models (the KL reference) stay whole."""
+        return model
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int,
+                max_grad_norm: float) -> Any:
+        """The DeepSpeed engine around `model` and `optimizer`; returns the optimizer DeepSpeed wraps.
+        The update calls backward once per micro-batch and step once per optimizer step, so accumulation
+        is ours (boundaries set by hand) and clipping is DeepSpeed's (`algo.max_grad_norm`)."""
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        config["gradient_accumulation_steps"] = 1
+        config["gradient_clipping"] = float(max_grad_norm)
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        self.engine, wrapped = self.accelerator.prepare(model, optimizer)
+        _models_load_whole()
+        return wrapped
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already divided over the micro-batches
+
+    def step(self) -> float:
+        """The optimizer step (after DeepSpeed clips); the gradient norm before clipping."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @contextlib.contextmanager
+    def full_weights(self, model: torch.nn.Module) -> Iterator[None]:
+        if self.stage != 3 or self.engine is None or model is not self.engine.module:
+            yield
+            return
+        from trl.models.utils import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.engine, self.accelerator):
+            yield
+
+    def save(self, directory: Any) -> None:
+        """DeepSpeed's checkpoint of the engine (every rank writes its optimizer partition; a collective)."""
+        self.engine.save_checkpoint(str(directory), tag="zero", save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, directory: str) -> None:
+        try:
+            self.engine.load_checkpoint(directory, tag="zero", load_module_strict=False, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"DeepSpeed could not load its optimizer state from {directory} ({str(exc).splitlines()[0]}); "
+                            f"resume with the number of processes and ZeRO stage that wrote it") from None
+
+
+def _models_load_whole() -> None:
+    """accelerate registers its DeepSpeed config with transformers, after which from_pretrained would load
+    ZeRO-3-partitioned models that nothing gathers (the KL reference, reward models); drop it."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def from_launch() -> "FSDP | DeepSpeed | None":
+    """How this launch shards the training state: FSDP, DeepSpeed ZeRO, or not at all."""
+    return FSDP.from_launch() or DeepSpeed.from_launch()
+
+
 def local_parameters(model: torch.nn.Module) -> int:
-    """The parameter elements this rank holds: all of them, or its shards under FSDP."""
-    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    """The parameter elements this rank holds: all of them, or its shards under FSDP or ZeRO-3."""
+    total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            total += p.ds_tensor.numel()
+        else:
+            total += (p.to_local() if hasattr(p, "to_local") else p).numel()
+    return total
 
 
 def check_generator(generator: Any) -> None:
-    """FSDP runs decode with the transformers backend, whose model is the sharded policy itself."""
+    """Sharded runs decode with the transformers backend, whose model is the sharded policy itself."""
     from rewardlab.generation.hf import HFGenerator
 
     if not isinstance(generator, HFGenerator):
-        raise UserError(f"{type(generator).__name__} does not take sharded weights; under an FSDP launch use "
-                        f"generation=hf, or train without the FSDP config")
+        raise UserError(f"{type(generator).__name__} does not take sharded weights; under an FSDP or DeepSpeed "
+                        f"launch use generation=hf, or train without that config")
 
 
 # ---- state dicts that work the same for sharded and plain models ---------------------------------
@@ -140,14 +253,17 @@ def _options(**kwargs: Any):
     return StateDictOptions(**kwargs)
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+def full_model_state(model: torch.nn.Module, sharding: Any = None) -> dict[str, torch.Tensor] | None:
     """The whole state dict of a sharded model on rank 0 (CPU), None on the other ranks (a collective);
     None for a plain model, whose own save_pretrained reads it."""
-    if not is_sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    if isinstance(sharding, DeepSpeed) and sharding.engine is not None and sharding.stage == 3:
+        state = sharding.accelerator.get_state_dict(sharding.engine)  # gathered to rank 0
+    elif is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
+    else:
+        return None
     if torch_dist.get_rank() != 0:
         return None
     first: dict[int, str] = {}
@@ -158,9 +274,12 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return state
 
 
-def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """The optimizer's whole state keyed by parameter name (rank 0 holds it under FSDP; a collective
-    there), the same for sharded and plain models, so either can resume the other."""
+    there), the same for sharded and plain models, so either can resume the other. None before the
+    first step: torch would fill an empty state by stepping with zero gradients, which counts a step."""
+    if not optimizer.state:
+        return None
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True, cpu_offload=True))

@@ -23,7 +23,7 @@ from rewardlab.algos.losses import Tensors, aggregate, clipped_loss, to_tensors,
 from rewardlab.config import schema
 from rewardlab.distributed import all_reduce_gradients
 from rewardlab.errors import UserError
-from rewardlab.sharding import is_sharded, load_optimizer_state, micro_steps, optimizer_state
+from rewardlab.sharding import DeepSpeed, is_sharded, load_optimizer_state, micro_steps, optimizer_state
 from rewardlab.rollout import Batch
 from rewardlab.steps import step_char_ends, step_token_ends
 
@@ -96,6 +96,7 @@ class PolicyGradient:
         self.generator = torch.Generator().manual_seed(context.seed)
         self.optimizer: torch.optim.Optimizer | None = None
         self._model: torch.nn.Module | None = None
+        self._deepspeed: DeepSpeed | None = None  # set when a DeepSpeed launch owns the optimizer
         self._saved_optimizer: dict[str, Any] | None = None  # restored, applied when the optimizer is built
 
     # ---- state carried across iterations (checkpointed) -----------------------------------------
@@ -104,16 +105,32 @@ class PolicyGradient:
         happens after a checkpoint is restored), with the restored optimizer state if there is one."""
         if self.optimizer is None:
             self._model = policy.model
+            self._deepspeed = policy.sharding if isinstance(policy.sharding, DeepSpeed) else None
             self.optimizer = torch.optim.AdamW(policy.model.parameters(), lr=self.cfg.lr,
                                                weight_decay=self.cfg.weight_decay, betas=tuple(self.cfg.betas))
-            if self._saved_optimizer is not None:
-                load_optimizer_state(policy.model, self.optimizer, self._saved_optimizer)
-                self._saved_optimizer = None
+            saved, self._saved_optimizer = self._saved_optimizer, None
+            deepspeed_files = isinstance(saved, dict) and "deepspeed" in saved
+            if self._deepspeed is not None:  # DeepSpeed takes over the optimizer (and ZeRO-3 the weights)
+                if saved is not None and not deepspeed_files:
+                    raise UserError("this checkpoint's optimizer state was written without DeepSpeed; resume it "
+                                    "with the launch that wrote it (FSDP, torchrun or one process)")
+                self.optimizer = self._deepspeed.prepare(policy.model, self.optimizer, self.cfg.micro_batch_size,
+                                                         self.cfg.max_grad_norm)
+                if deepspeed_files:
+                    self._deepspeed.load(saved["deepspeed"])
+            elif deepspeed_files:
+                raise UserError("this checkpoint's optimizer state is DeepSpeed's (one file per rank); resume it "
+                                "under the DeepSpeed config and number of processes that wrote it")
+            elif saved is not None:
+                load_optimizer_state(policy.model, self.optimizer, saved)
 
     def state_dict(self) -> dict[str, Any]:
-        """Every rank calls it (under FSDP the optimizer state is gathered to rank 0, keyed by name)."""
+        """Every rank calls it (under FSDP the optimizer state is gathered to rank 0, keyed by name;
+        DeepSpeed's stays in its own per-rank files, which the checkpointer has written beside it)."""
         optimizer = self._saved_optimizer
-        if self.optimizer is not None:
+        if self._deepspeed is not None:
+            optimizer = {"deepspeed": "deepspeed"}  # relative to the checkpoint directory
+        elif self.optimizer is not None:
             optimizer = optimizer_state(self._model, self.optimizer)
         return {"optimizer": optimizer, "updates": self.updates, "generator": self.generator.get_state()}
 
@@ -182,7 +199,8 @@ class PolicyGradient:
         ref = self._ref_logprobs(policy, t) if cfg.beta > 0 else None
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * self.lr_factor()
-        model.train()
+        trained = self._deepspeed.engine if self._deepspeed is not None else model  # forward through the engine
+        trained.train()
         sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
         steps = 0
         size = cfg.minibatch_size if cfg.minibatch_size > 0 else n
@@ -190,11 +208,11 @@ class PolicyGradient:
             order = torch.randperm(n, generator=self.generator).to(device)
             for start in range(0, n, size):
                 rows = order[start : start + size]
-                stats = self._step(model, t, rows, adv, old, ref, mask)
+                stats = self._step(trained, t, rows, adv, old, ref, mask)
                 for k, v in stats.items():
                     sums[k] += v
                 steps += 1
-        model.eval()
+        trained.eval()
         self.updates += 1
         lengths = mask.sum(-1)
         out = {k: v / steps for k, v in sums.items()}
@@ -212,7 +230,7 @@ class PolicyGradient:
         totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
         micro_rows = self._micro_rows(t)
         starts = list(range(0, len(rows), micro_rows))
-        padded = micro_steps(len(starts), is_sharded(model))
+        padded = micro_steps(len(starts), is_sharded(model) or self._deepspeed is not None)
         for index in range(padded):
             # under FSDP a rank with fewer micro-batches repeats its first with zero weight: every rank
             # must run the same number of forward/backward passes (each gathers and reduces with all)
@@ -224,7 +242,10 @@ class PolicyGradient:
             token_loss, stats = clipped_loss(logps, old_logps, adv[micro], m, cfg.eps_low, cfg.eps_high,
                                              cfg.beta, None if ref is None else ref[micro])
             loss = aggregate(token_loss, m, cfg.loss_agg, n_seqs, n_tokens, self.max_new_tokens)
-            (loss * weight).backward()
+            if self._deepspeed is not None:
+                self._deepspeed.backward(loss * weight, last=index == padded - 1)
+            else:
+                (loss * weight).backward()
             if weight == 0.0:
                 continue
             totals["loss"] += float(loss.detach())
@@ -232,6 +253,9 @@ class PolicyGradient:
             totals["clip_fraction"] += float((stats["clipped"] * m).sum()) / max(n_tokens, 1.0)
             if "kl" in stats:
                 totals["kl"] += float((stats["kl"] * m).sum()) / max(n_tokens, 1.0)
+        if self._deepspeed is not None:  # DeepSpeed reduces, clips and steps
+            totals["grad_norm"] = self._deepspeed.step()
+            return totals
         all_reduce_gradients(model.parameters())  # data parallel: average over ranks (no-op in one process or FSDP)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         self.optimizer.step()

@@ -1,7 +1,9 @@
-"""Sharded training (FSDP2) under `accelerate launch --config_file conf/accelerate/fsdp*.yaml`, on CPU over gloo.
+"""Sharded training under `accelerate launch`: FSDP2 (conf/accelerate/fsdp*.yaml) and DeepSpeed ZeRO-2/3
+(conf/accelerate/deepspeed_zero*.yaml), on CPU over gloo.
 
-Every FSDP run is checked against plain data parallelism (torchrun, gradients all-reduced) on the same
-config: with two ranks the sums are the same, so the weights must come out equal."""
+Every sharded run is checked against plain data parallelism (torchrun, gradients all-reduced) on the same
+config: with two ranks the sums are the same, so the metrics must match and the weights agree to float
+rounding (exactly, where the reductions happen in the same order)."""
 
 from __future__ import annotations
 
@@ -93,13 +95,22 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def zero_runs(runs, tmp_path_factory) -> dict[int, tuple[Path, str]]:
+    """The same run under DeepSpeed ZeRO stage 2 and stage 3: {stage: (run dir, output)}."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install 'rewardlab[deepspeed]')")
+    root = tmp_path_factory.mktemp("zero")
+    return {stage: (root / f"zero{stage}", accelerate(f"deepspeed_zero{stage}.yaml", root / f"zero{stage}",
+                                                      *TINY_GRPO, *UPDATE)) for stage in (2, 3)}
+
+
 @pytest.mark.slow
 def test_fsdp_shards_the_policy_and_trains_exactly_as_data_parallel(runs):
     from rewardlab.policy import load_policy
 
     summary = json.loads((runs["fsdp"] / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["sharding"] == "fsdp_full_shard"
-    assert "sharded over 2 processes (fsdp_full_shard)" in runs["stdout"]
+    assert "sharded training over 2 processes (fsdp_full_shard)" in runs["stdout"]
     total = sum(p.numel() for p in load_policy(device="cpu", log=lambda *_: None).model.parameters())
     assert all(n < 0.6 * total for n in summary["rank_local_params"])  # each rank holds about half
     assert json.loads((runs["ddp"] / "summary.json").read_text())["sharding"] == "none"
@@ -140,6 +151,51 @@ def test_lora_adapters_start_equal_on_every_rank_and_shard(tmp_path: Path):
     assert (tmp_path / "fsdp" / "checkpoints" / "iter_0002" / "policy" / "adapter_config.json").exists()
     assert_same_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp"))
     assert_same_metrics(rows(tmp_path / "ddp"), rows(tmp_path / "fsdp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_as_data_parallel(runs, zero_runs, stage: int):
+    from rewardlab.policy import load_policy
+
+    run_dir, output = zero_runs[stage]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sharding"] == f"deepspeed_zero{stage}"
+    assert f"sharded training over 2 processes (deepspeed_zero{stage})" in output
+    total = sum(p.numel() for p in load_policy(device="cpu", log=lambda *_: None).model.parameters())
+    if stage == 3:  # parameters partitioned; under ZeRO-2 each rank keeps them whole
+        assert all(n < 0.6 * total for n in summary["rank_local_params"])
+    else:
+        assert summary["rank_local_params"] == [total, total]
+    assert len(set(summary["rank_param_sha256"])) == 1
+    assert_same_metrics(rows(runs["ddp"]), rows(run_dir))
+    ddp, zero = final_weights(runs["ddp"]), final_weights(run_dir)
+    assert sorted(ddp) == sorted(zero)
+    for key in ddp:  # ZeRO-3 sums its partitions in another order: rounding, far below one step's change
+        torch.testing.assert_close(zero[key], ddp[key], rtol=0, atol=1e-5, msg=key)
+    checkpoint = run_dir / "checkpoints" / "iter_0002"
+    assert (checkpoint / "deepspeed" / "zero").is_dir()  # DeepSpeed's own optimizer partitions, one per rank
+    assert len(list((checkpoint / "deepspeed" / "zero").glob("*optim_states.pt"))) == 2
+
+
+@pytest.mark.slow
+def test_deepspeed_resumes_its_own_checkpoints_and_refuses_others(runs, zero_runs, tmp_path: Path):
+    """ZeRO-3 killed after iteration 1 resumes to the same end; a data-parallel checkpoint (whole AdamW
+    state) cannot continue under DeepSpeed, which is told in one line."""
+    original = zero_runs[3][0]
+    resumed = rewind(original, tmp_path / "zero3", to=1)
+    assert "resuming" in accelerate("deepspeed_zero3.yaml", resumed, f"resume={resumed}")
+    assert_same_weights(final_weights(original), final_weights(resumed))
+    assert_same_metrics(rows(original), rows(resumed))
+
+    foreign = rewind(runs["ddp"], tmp_path / "ddp", to=1)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "conf" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "rewardlab", "train", f"resume={foreign}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode != 0
+    assert "error: this checkpoint's optimizer state was written without DeepSpeed" in result.stderr
+    assert "(exitcode: 2)" in result.stderr and "rewardlab/algos/pg.py" not in result.stderr  # no traceback
 
 
 def _uneven_worker(rank: int, port: int, out: str) -> None:
@@ -214,8 +270,18 @@ def test_fsdp_settings_come_from_the_accelerate_launch(monkeypatch):
 
 
 def test_fsdp_refuses_a_generator_that_does_not_use_the_policy_model():
-    with pytest.raises(UserError, match="under an FSDP launch use generation=hf"):
+    with pytest.raises(UserError, match="launch use generation=hf"):
         sharding.check_generator(object())
+
+
+@pytest.mark.parametrize("name", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_the_shipped_deepspeed_configs_name_their_stage(name: str):
+    import yaml
+
+    config = yaml.safe_load((REPO / "conf" / "accelerate" / name).read_text())
+    assert config["distributed_type"] == "DEEPSPEED"
+    assert config["deepspeed_config"]["zero_stage"] == int(name[-6])
+    assert config["deepspeed_config"].get("zero3_init_flag", False) is False
 
 
 @pytest.mark.parametrize("name", ["fsdp.yaml", "fsdp_shard_grad_op.yaml"])
@@ -226,3 +292,19 @@ def test_the_shipped_fsdp_configs_parse_as_fsdp2(name: str):
     assert config["distributed_type"] == "FSDP" and config["fsdp_config"]["fsdp_version"] == 2
     assert config["fsdp_config"]["fsdp_reshard_after_forward"] is (name == "fsdp.yaml")
     assert config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False
+
+
+def test_an_optimizer_that_never_stepped_is_saved_as_nothing_and_left_alone():
+    """torch's get_optimizer_state_dict fills an empty AdamW state by stepping with zero gradients,
+    which advances Adam's step count and shrinks the first real update; saving must not do that."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    assert sharding.optimizer_state(model, optimizer) is None and not optimizer.state
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    saved = sharding.optimizer_state(model, optimizer)
+    assert float(saved["state"]["weight"]["step"]) == 1.0
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sharding.load_optimizer_state(model, fresh, saved)
+    assert float(fresh.state[model.weight]["step"]) == 1.0
+    assert torch.equal(fresh.state[model.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
