@@ -1,24 +1,28 @@
 """Sharded training under `accelerate launch`: FSDP2 (conf/accelerate/fsdp*.yaml) or DeepSpeed ZeRO-2/3
-(conf/accelerate/deepspeed_zero*.yaml, the `DeepSpeed` class below).
+(conf/accelerate/deepspeed_zero*.yaml). With neither, data parallelism keeps a whole replica per rank
+(distributed.py).
 
-accelerate's launcher exports the config's `fsdp_*` keys (ACCELERATE_USE_FSDP, FSDP_*) and its
+FSDP: accelerate's launcher exports the config's `fsdp_*` keys (ACCELERATE_USE_FSDP, FSDP_*) and its
 FullyShardedDataParallelPlugin parses them; torch's `fully_shard` does the sharding. Each transformer block
 (the auto-wrap policy: the model's `_no_split_modules`, or `fsdp_transformer_layer_cls_to_wrap`) becomes one
 FSDP unit and the root holds the rest, so parameters, gradients and AdamW state live 1/world_size per rank.
 `fsdp_reshard_after_forward: true` is FULL_SHARD (ZeRO-3), `false` is SHARD_GRAD_OP (ZeRO-2).
 
-What a loop that owns its own generation needs beside that:
-- Decoding, scoring with the policy and the no-grad log-prob passes run under `full_weights`: every unit is
-  gathered once and kept whole until the block ends (as TRL gathers ZeRO-3 weights for generation), so
+DeepSpeed: accelerate builds the engine (`Accelerator.prepare`) around the policy and its optimizer; see
+the `DeepSpeed` class.
+
+What a loop that owns its own generation needs beside that, for both:
+- Decoding, scoring with the policy and the no-grad log-prob passes run under `full_weights`: the weights
+  are gathered once and kept whole until the block ends (as TRL gathers ZeRO-3 weights for generation), so
   ranks decode different numbers of steps without waiting on each other's all-gathers.
 - The training forward/backward passes are collectives, so every rank runs the same number of micro-batches
   per optimizer step (`micro_steps`; a rank with fewer repeats one with zero weight).
-- Checkpoints hold the full (unsharded) weights and optimizer state, gathered to rank 0, so a checkpoint
-  loads with `from_pretrained` and resumes under any number of processes, sharded or not.
+- Checkpoints hold the whole weights (gathered to rank 0; `from_pretrained` loads them). Under FSDP the
+  optimizer state is gathered whole too, so the checkpoint resumes under any number of processes, sharded
+  or not; DeepSpeed keeps its partitioned optimizer files, so it resumes with the same stage and processes.
 Generation needs the whole model on each rank for a moment; what sharding saves is the training state
-(gradients, optimizer moments, activations' parameter copies).
+(gradients, optimizer moments, and under FULL_SHARD / ZeRO-3 the parameters between uses).
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -127,7 +131,7 @@ def launched_with_deepspeed() -> bool:
 class DeepSpeed:
     """DeepSpeed ZeRO stage 2 or 3 through accelerate (its DeepSpeedPlugin reads the launch's
     `deepspeed_config`). DeepSpeed owns the optimizer: the engine is built by `accelerator.prepare` when the
-    policy-gradient update builds its optimizer, and from then on backward and step go through it.
+    policy-gradient algorithm builds its optimizer (as the run starts), and backward and step go through it.
     Stage 3 partitions the parameters: decoding and no-grad passes gather them (TRL's
     `unwrap_model_for_generation`, which also lifts ZeRO-3's hooks so ranks decode independently).
     The optimizer state stays partitioned in checkpoints (DeepSpeed's own files, one per rank), so a
@@ -160,7 +164,7 @@ class DeepSpeed:
         return cls(accelerator=accelerator, stage=stage)
 
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Nothing yet: DeepSpeed partitions the policy when its optimizer exists (`prepare`); other
+        """Nothing here: DeepSpeed partitions the policy when its optimizer exists (`prepare`); other
         models (the KL reference) stay whole."""
         return model
 
