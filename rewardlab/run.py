@@ -169,7 +169,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
 
                 progress.stage(iteration, "generate")
                 prompts = distributed.shard(sampler.sample(cfg.run.prompts_per_iteration), dist.rank, dist.world_size)
-                with policy.full_weights():  # FSDP: whole weights on every rank while it samples and scores
+                with policy.full_weights():  # FSDP / ZeRO-3: whole weights on every rank while it samples and scores
                     batch = rollouts(prompts, iteration, row)
                     batch, kept, filter_metrics = collect(
                         batch, filters, lambda n: rollouts(sampler.sample(n), iteration, row), len(prompts))

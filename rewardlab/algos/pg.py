@@ -232,8 +232,8 @@ class PolicyGradient:
         starts = list(range(0, len(rows), micro_rows))
         padded = micro_steps(len(starts), is_sharded(model) or self._deepspeed is not None)
         for index in range(padded):
-            # under FSDP a rank with fewer micro-batches repeats its first with zero weight: every rank
-            # must run the same number of forward/backward passes (each gathers and reduces with all)
+            # sharded (FSDP, DeepSpeed) a rank with fewer micro-batches repeats its first with zero weight:
+            # every rank must run the same number of forward/backward passes (each gathers and reduces)
             start, weight = (starts[index], 1.0) if index < len(starts) else (0, 0.0)
             micro = rows[start : start + micro_rows]
             m = mask[micro]

@@ -42,12 +42,12 @@ class Policy:
     source: str
     device: torch.device
     _reference: torch.nn.Module | None = field(default=None, repr=False)
-    sharding: Any = None  # rewardlab.sharding.FSDP once `shard` ran (an FSDP launch), else None
+    sharding: Any = None  # rewardlab.sharding.FSDP / DeepSpeed once `shard` ran (a sharded launch), else None
 
     def load_fresh(self) -> torch.nn.Module:
         """A new copy of the starting weights (the frozen reference, or ReST-EM's restart point);
         with LoRA, the base with new adapters of the same shape, so its state dict fits this model.
-        Sharded like the policy under FSDP."""
+        Sharded like the policy under FSDP (DeepSpeed leaves it whole)."""
         model = load_model(self.source, self.model.dtype)
         if has_adapters(self.model):
             model = add_adapters_like(model, self.model)
@@ -55,14 +55,15 @@ class Policy:
         return self.sharding.shard(model) if self.sharding is not None else model
 
     def shard(self, sharding) -> None:
-        """Shard the model in place (rewardlab.sharding.FSDP); models loaded later are sharded too."""
+        """Shard the model in place (rewardlab.sharding; DeepSpeed does it when the optimizer is built);
+        models loaded later are sharded too."""
         sharding.shard(self.model)
         self.sharding = sharding
 
     @contextlib.contextmanager
     def full_weights(self, model: torch.nn.Module | None = None) -> Iterator[None]:
         """`model` (the policy's by default) with whole weights for no-grad passes: decoding, scoring,
-        log-probs. Under FSDP every rank gathers them together; otherwise nothing happens."""
+        log-probs. Under FSDP and ZeRO-3 every rank gathers them together; otherwise nothing happens."""
         if self.sharding is None:
             yield
             return
