@@ -25,10 +25,13 @@ def train(tmp_path: Path, *overrides: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_lora_trains_end_to_end_with_kl_to_the_adapter_free_base(tmp_path):
-    rows = train(tmp_path, "policy.lora.r=8", "algo.beta=0.05", "algo.lr=1e-2")
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    rows = train(tmp_path, "policy.lora.r=8", "algo.beta=0.05", "algo.lr=1e-2", "run.iterations=3")
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # fresh adapters: the policy is its reference
-    assert rows[2]["kl"] > 0  # after one update the adapters have moved the policy off the base
+    # an iteration whose groups all tie has no gradient and leaves LoRA's zero B untouched (KL stays 0);
+    # after the first update with a gradient, the adapters have moved the policy off the base
+    learned = next(i for i in (1, 2) if rows[i]["grad_norm"] > 0)
+    assert rows[learned + 1]["kl"] > 0
 
 
 @pytest.mark.slow

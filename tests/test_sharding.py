@@ -67,12 +67,12 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+def assert_same_metrics(a: list[dict], b: list[dict], rel: float = 0.0) -> None:
     assert [r["iteration"] for r in a] == [r["iteration"] for r in b]
     for x, y in zip(a, b):
         for key, value in x.items():
             if not key.startswith("time/"):
-                assert y[key] == pytest.approx(value, abs=1e-6), (x["iteration"], key)
+                assert y[key] == pytest.approx(value, rel=rel, abs=1e-6), (x["iteration"], key)
 
 
 def rewind(run_dir: Path, copy: Path, to: int) -> Path:
@@ -168,10 +168,12 @@ def test_deepspeed_zero_trains_as_data_parallel(runs, zero_runs, stage: int):
     else:
         assert summary["rank_local_params"] == [total, total]
     assert len(set(summary["rank_param_sha256"])) == 1
-    assert_same_metrics(rows(runs["ddp"]), rows(run_dir))
+    # ZeRO-3 sums its partitions in another order: rounding (seen: grad_norm 1.3e-6 relative), far
+    # below one step's change
+    assert_same_metrics(rows(runs["ddp"]), rows(run_dir), rel=1e-5 if stage == 3 else 0.0)
     ddp, zero = final_weights(runs["ddp"]), final_weights(run_dir)
     assert sorted(ddp) == sorted(zero)
-    for key in ddp:  # ZeRO-3 sums its partitions in another order: rounding, far below one step's change
+    for key in ddp:
         torch.testing.assert_close(zero[key], ddp[key], rtol=0, atol=1e-5, msg=key)
     checkpoint = run_dir / "checkpoints" / "iter_0002"
     assert (checkpoint / "deepspeed" / "zero").is_dir()  # DeepSpeed's own optimizer partitions, one per rank
@@ -282,6 +284,8 @@ def test_the_shipped_deepspeed_configs_name_their_stage(name: str):
     assert config["distributed_type"] == "DEEPSPEED"
     assert config["deepspeed_config"]["zero_stage"] == int(name[-6])
     assert config["deepspeed_config"].get("zero3_init_flag", False) is False
+    # several nodes: one accelerate launch per node (multi_node.sbatch), not DeepSpeed's pdsh runner
+    assert config["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
 
 
 @pytest.mark.parametrize("name", ["fsdp.yaml", "fsdp_shard_grad_op.yaml"])
