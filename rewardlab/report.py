@@ -2,7 +2,8 @@
 
 A run directory gets one curve per metric; a multirun directory gets every job's curves overlaid,
 labelled by the overrides that differ between jobs. Panels whose metrics a run never logged (KL with
-algo.beta=0, say) are listed as absent in the markdown instead of drawn empty.
+algo.beta=0, say) are listed as absent in the markdown instead of drawn empty. KL goes on a symlog axis
+when it spans more than three decades.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def y_scale(values: list[float]) -> dict[str, Any]:
+    """`ax.set_yscale` arguments for non-negative values (KL): linear, unless the largest is over 1000x the
+    smallest positive one (a collapsed run's spike would flatten the others to a line at zero); then
+    symlog, linear below the smallest positive value, so zeros (a policy equal to its reference) stay."""
+    positive = [v for v in values if v > 0]
+    if not positive or max(positive) <= 1000 * min(positive):
+        return {"value": "linear"}
+    return {"value": "symlog", "linthresh": min(positive)}
+
+
 def _plot_time_bars(ax, run: Run, keys: list[str]) -> None:
     """One run: stacked bars, one segment per stage, so each iteration's total is visible too."""
     bottom: dict[int, float] = {}
@@ -129,6 +140,8 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
                     style = styles[j % len(styles)]
                     ax.plot(xs, ys, style, color=color, marker="o", ms=3,
                             label=f"{run.label} · {key}" if len(runs) > 1 else key)
+    if panel.name == "kl":
+        ax.set_yscale(**y_scale([v for run in runs for v in series(run.rows, "kl")[1]]))
     if panel.name != "gold_vs_proxy":
         ax.set_ylabel(panel.ylabel)
         ax.legend(**legend)

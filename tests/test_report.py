@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib.image
 import yaml
 
-from rewardlab.report import PANELS, series, write_report
+from rewardlab.report import PANELS, series, write_report, y_scale
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,3 +67,10 @@ def test_cli_report_on_a_missing_directory_is_one_line_and_exit_2(tmp_path: Path
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope'} is not a directory; pass a run dir or a multirun dir"
+
+
+def test_kl_spanning_decades_goes_on_a_symlog_axis_that_keeps_zeros():
+    assert y_scale([0.0, 0.01, 0.02, 0.04]) == {"value": "linear"}
+    # a collapsed job's spike beside a healthy one (seen in a sweep at lr 1e-3): symlog, zeros kept
+    assert y_scale([0.0, 16000.0, 0.9, 0.0, 0.01, 0.03]) == {"value": "symlog", "linthresh": 0.01}
+    assert y_scale([]) == {"value": "linear"} and y_scale([0.0, 0.0]) == {"value": "linear"}
