@@ -49,7 +49,8 @@ def job_id_with_free_port() -> int:
 
 
 def sbatch(script: str, tmp_path: Path, nodes: int, gpus_per_node: int, config: str | None) -> Path:
-    """Run scripts/slurm/`script` from the repository root as SLURM would, with `overrides`; its run dir."""
+    """Run scripts/slurm/`script` from the repository root as SLURM would, on `nodes` stand-in nodes, training
+    the tiny GRPO run; returns its run dir."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
