@@ -58,7 +58,7 @@ def trl_run(args, seed: int) -> dict:
     from rewardlab.evaluation import evaluate
     from rewardlab.generation.hf import HFGenerator
     from rewardlab.policy import load_policy
-    from rewardlab.rewards.verifiable import check
+    from rewardlab.answers import check
 
     torch.manual_seed(seed)
     task = ArithTask()

@@ -88,10 +88,10 @@ def plain_math_verify(completions: list[str], references: list[str]) -> list[flo
 
 
 def clear_caches() -> None:
-    from rewardlab.rewards import verifiable
+    from rewardlab import answers
 
-    if hasattr(verifiable, "clear_cache"):
-        verifiable.clear_cache()
+    if hasattr(answers, "clear_cache"):
+        answers.clear_cache()
 
 
 def time_it(fn, *args) -> tuple[float, object]:
@@ -146,7 +146,7 @@ def summary(rates: list[float]) -> dict:
 
 
 def bench_verifiable(args) -> dict:
-    from rewardlab.rewards.verifiable import check
+    from rewardlab.answers import check
 
     completions, references, truth = verifiable_rows(args.rows)
     ours, plain = [], []

@@ -1,13 +1,18 @@
-"""Evaluation on a task's test split: greedy accuracy, and pass@k / maj@k from sampled completions."""
+"""Evaluation on a task's test split: greedy accuracy, and pass@k / maj@k from sampled completions.
+
+Sampling here runs under its own seeded torch generator state (`torch.random.fork_rng`), so evaluating
+never moves the training random stream: a run with and without `run.eval_pass_k` trains identically.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
 from math import comb
 from typing import Sequence
 
+import torch
+
+from rewardlab.answers import answers_equal, check, extract_answer, majority_answer
 from rewardlab.data.base import Example
-from rewardlab.rewards.verifiable import answers_equal, check, extract_answer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -20,16 +25,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority_correct(answers: Sequence[str | None], reference: str) -> float:
-    """1.0 if the most common extracted answer (None excluded) equals the reference."""
-    votes = Counter(a for a in answers if a is not None)
-    if not votes:
-        return 0.0
-    return float(answers_equal(votes.most_common(1)[0][0], reference))
+    """1.0 if the largest cluster of equivalent answers (None excluded; ties: first seen) matches the
+    reference: `1/2`, `0.5` and `\\frac12` are one vote, as in the majority-vote reward."""
+    return float(answers_equal(majority_answer(answers), reference))
+
+
+def eval_seed(run_seed: int, iteration: int) -> int:
+    """The seed of one evaluation's sampling: fixed by the run's seed and the iteration, apart from training's."""
+    return (run_seed * 1_000_003 + iteration * 7919 + 12_345) % (2**63)
 
 
 def evaluate(generator, examples: Sequence[Example], answer_format: str = "auto",
-             pass_k: Sequence[int] = (), samples: int = 0) -> dict[str, float]:
-    """Greedy accuracy and mean completion length; with `pass_k`, pass@k and maj@k for each k."""
+             pass_k: Sequence[int] = (), samples: int = 0, seed: int = 0) -> dict[str, float]:
+    """Greedy accuracy and mean completion length; with `pass_k`, pass@k and maj@k for each k.
+
+    pass@k is the unbiased estimate over all n samples per prompt (n = `samples` or max(pass_k));
+    maj@k votes over the first k of those samples. Sampling is seeded with `seed` inside a forked RNG.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _evaluate(generator, examples, answer_format, pass_k, samples)
+
+
+def _evaluate(generator, examples: Sequence[Example], answer_format: str, pass_k: Sequence[int],
+              samples: int) -> dict[str, float]:
     greedy = generator.generate(examples, n=1, greedy=True)
     correct = check(greedy.completion, greedy.reference, answer_format)
     metrics = {
@@ -41,12 +61,12 @@ def evaluate(generator, examples: Sequence[Example], answer_format: str = "auto"
         n = samples or max(pass_k)
         sampled = generator.generate(examples, n=n)
         ok = check(sampled.completion, sampled.reference, answer_format)
+        answers = [extract_answer(c, answer_format) for c in sampled.completion]
         for k in pass_k:
             per_prompt, majority = [], []
             for ex, rows in zip(examples, sampled.groups().values()):
                 per_prompt.append(pass_at_k(n, int(sum(ok[i] for i in rows)), k))
-                answers = [extract_answer(sampled.completion[i], answer_format) for i in rows[:k]]
-                majority.append(majority_correct(answers, ex.answer))
+                majority.append(majority_correct([answers[i] for i in rows[:k]], ex.answer))
             metrics[f"eval/pass@{k}"] = sum(per_prompt) / len(per_prompt)
             metrics[f"eval/maj@{k}"] = sum(majority) / len(majority)
     return metrics

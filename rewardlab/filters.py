@@ -1,10 +1,10 @@
 """Filters: what is kept between scoring and the update. Each is `Filter(batch) -> Batch` and
 reports what it did through `last_metrics`.
 
-Filters run in the order of their `order` (then config order): reward shaping (overlong penalty) first,
-then row drops (non-finite rewards), then group drops (zero variance, dynamic sampling), so group
-decisions see the final rewards. `DynamicSampling` also tells the loop to sample more prompts until
-the batch is full (rewardlab.sampling.collect).
+Filters run in the order of their `order` (then config order): dynamic sampling first (it decides on
+correctness, never on length), then reward shaping (overlong penalty), then row drops (non-finite
+rewards), then the zero-variance group drop, which sees the final rewards. `DynamicSampling` also tells
+the loop to sample more prompts until the batch is full (rewardlab.sampling.collect).
 """
 
 from __future__ import annotations
@@ -67,19 +67,45 @@ class DropZeroVarianceGroups(Filter):
 class DynamicSamplingConfig:
     _target_: str = "rewardlab.filters.DynamicSampling"
     max_rounds: int = 4  # generate-and-score rounds per iteration at most (the first included)
+    metric: str = "gold"  # gold (verifiable correctness) | reward (before any length penalty) | a reward column
 
 
-class DynamicSampling(DropZeroVarianceGroups):
-    """DAPO dynamic sampling: drop groups whose rewards are all equal, and have the loop sample more
-    prompts until `run.prompts_per_iteration` groups are kept, in at most `max_rounds` rounds."""
+class DynamicSampling(Filter):
+    """DAPO dynamic sampling: keep a group only when its `metric` differs within it (for correctness:
+    0 < correct < G, verl's `filter_groups.metric: acc`), and have the loop sample more prompts until
+    `run.prompts_per_iteration` groups are kept, in at most `max_rounds` rounds. It runs before the overlong
+    penalty, so all-correct groups of different lengths are dropped: they carry no correctness signal."""
 
     name = "dynamic_sampling"
+    order = -10
 
-    def __init__(self, max_rounds: int = 4) -> None:
+    def __init__(self, max_rounds: int = 4, metric: str = "gold") -> None:
         super().__init__()
         if max_rounds < 1:
             raise UserError(f"filters.dynamic_sampling.max_rounds={max_rounds} must be at least 1")
-        self.max_rounds = max_rounds
+        self.max_rounds, self.metric = max_rounds, metric
+
+    def values(self, batch: Batch) -> list[float | None]:
+        """The column the decision is made on."""
+        if self.metric == "gold":
+            if batch.gold is None:
+                raise UserError("filters.dynamic_sampling.metric=gold needs reference answers and this data set has "
+                                "none: set filters.dynamic_sampling.metric=reward or a reward component's name")
+            return batch.gold
+        if self.metric == "reward":
+            return batch.reward
+        if self.metric not in batch.rewards:
+            raise UserError(f"filters.dynamic_sampling.metric={self.metric!r} is not gold, reward or a reward "
+                            f"column of this run ({', '.join(batch.rewards) or 'none'})")
+        return batch.rewards[self.metric]
+
+    def keep(self, batch: Batch) -> list[int]:
+        values = self.values(batch)
+        out: list[int] = []
+        for rows in batch.groups().values():
+            if len({values[i] for i in rows if values[i] is not None and math.isfinite(values[i])}) > 1:
+                out.extend(rows)
+        return out
 
 
 @schema("filter", "overlong")

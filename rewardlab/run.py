@@ -24,10 +24,10 @@ from rewardlab.checkpoint import Checkpointer, resume_target
 from rewardlab.data.base import PromptSampler
 from rewardlab.diagnostics import hacking_metrics
 from rewardlab.errors import UserError
-from rewardlab.evaluation import evaluate
+from rewardlab.evaluation import eval_seed, evaluate
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.preemption import PreemptionGuard
-from rewardlab.rewards.verifiable import check
+from rewardlab.answers import check
 from rewardlab.rollout import Batch
 from rewardlab.sampling import collect
 from rewardlab.steps import process_metrics
@@ -145,10 +145,11 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
         row["time/score"] = row.get("time/score", 0.0) + time.perf_counter() - mark
         return batch
 
-    def run_eval() -> dict[str, float]:
+    def run_eval(iteration: int) -> dict[str, float]:
         began = time.perf_counter()
         with policy.full_weights():
-            out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples)
+            out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples,
+                           seed=eval_seed(cfg.run.seed + dist.rank, iteration))
         out["time/eval"] = time.perf_counter() - began
         return distributed.reduce_metrics(dist, out, weight=len(test_set))
 
@@ -156,7 +157,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
         with ProgressDisplay(cfg.run.iterations, start) as progress:
             if start == 0:
                 progress.stage(0, "eval")
-                row = {"iteration": 0, "world_size": dist.world_size, **run_eval()}
+                row = {"iteration": 0, "world_size": dist.world_size, **run_eval(0)}
                 if dist.is_main:
                     metrics.append(row)
                 logger.log(row, step=0)
@@ -194,7 +195,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
                     Batch.concat(shards).save(run_dir / "rollouts" / f"iter_{iteration:04d}.parquet")
                 if iteration % cfg.run.eval_every == 0 or iteration == cfg.run.iterations:
                     progress.stage(iteration, "eval")
-                    row.update(run_eval())
+                    row.update(run_eval(iteration))
                 row["time/iteration"] = time.perf_counter() - began
                 row = distributed.reduce_metrics(dist, row)
                 if dist.is_main:
@@ -228,7 +229,8 @@ def evaluate_only(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     if not test_set:
         raise UserError("the data set's test split is empty; nothing to evaluate")
     began = time.perf_counter()
-    out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples)
+    out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples,
+                   seed=eval_seed(cfg.run.seed, 0))
     out.update({"eval/size": float(len(test_set)), "time/eval": time.perf_counter() - began})
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "eval.json", {"policy": policy.source, **out})

@@ -1,6 +1,7 @@
 """Steps: splitting a completion into reasoning steps, shared by every process reward and by process credit.
 
-`StepSplit` is the one splitter: each process reward (`ProcessReward` subclasses) splits with it and
+It sits below rewards and algorithms and imports neither. `StepSplit` is the one splitter: each process
+reward (rewardlab.rewards.process.ProcessReward subclasses) splits with it and
 writes `batch.steps` and `batch.step_rewards`; the process advantage finds each step's last token from
 those texts with `step_token_ends`, which maps character offsets to token positions by decoding prefixes
 of the generated ids (correct for any tokenizer, not only one-character-per-token ones).
@@ -9,13 +10,11 @@ of the generated ids (correct for any tokenizer, not only one-character-per-toke
 from __future__ import annotations
 
 import re
-from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
 
 from rewardlab.config import schema
 from rewardlab.errors import UserError
-from rewardlab.rewards.base import Reward
 from rewardlab.rollout import Batch
 
 
@@ -96,33 +95,6 @@ def step_token_ends(tokenizer, ids: Sequence[int], char_ends: Sequence[int]) -> 
                 low = mid + 1
         out.append(low)
     return out
-
-
-class ProcessReward(Reward):
-    """A reward with one score per step: `score_steps(batch, steps)` gives them; this class splits the
-    completions with the shared `StepSplit`, writes `batch.steps` / `batch.step_rewards`, and sets the
-    scalar reward to their `aggregate` (min, last, prod, mean or sum; a completion with no step gets
-    `empty`)."""
-
-    AGGREGATES = ("min", "last", "prod", "mean", "sum")
-
-    def __init__(self, name: str, split: StepSplit | dict | None = None, aggregate: str = "min",
-                 empty: float = 0.0) -> None:
-        super().__init__(name)
-        if aggregate not in self.AGGREGATES:
-            raise UserError(f"reward.aggregate={aggregate!r} is not one of {', '.join(self.AGGREGATES)}")
-        self.split = split if isinstance(split, StepSplit) else StepSplit(**(split or {}))
-        self.aggregate, self.empty = aggregate, empty
-
-    @abstractmethod
-    def score_steps(self, batch: Batch, steps: list[list[str]]) -> list[list[float]]:
-        """One score per step for every row."""
-
-    def compute(self, batch: Batch) -> list[float]:
-        steps = [split_steps(text, self.split) for text in batch.completion]
-        scores = [[float(v) for v in row] for row in self.score_steps(batch, steps)]
-        batch.steps, batch.step_rewards = steps, scores
-        return [aggregate_steps(row, self.aggregate, self.empty) for row in scores]
 
 
 def aggregate_steps(scores: Sequence[float], how: str, empty: float = 0.0) -> float:

@@ -1,6 +1,6 @@
 from rewardlab.data.arith import ArithTask, solve
 from rewardlab.data.base import PromptSampler
-from rewardlab.rewards.verifiable import extract_answer
+from rewardlab.answers import extract_answer
 
 
 def test_solve_respects_precedence_and_writes_one_operation_per_line():

@@ -8,12 +8,14 @@ from rewardlab.rollout import Batch
 from rewardlab.sampling import collect
 
 
-def group_batch(pid: str, rewards, lengths=None) -> Batch:
+def group_batch(pid: str, rewards, lengths=None, gold=None) -> Batch:
+    """One prompt's group; its gold column is `gold`, by default the rewards themselves."""
     n = len(rewards)
     lengths = lengths or [3] * n
     return Batch(prompt_id=[pid] * n, prompt=[pid] * n, completion=["x" * k for k in lengths], prompt_ids=[[1]] * n,
                  completion_ids=[[5] * k for k in lengths], finish_reason=["stop"] * n, reference=[None] * n,
-                 solution=[None] * n, reward=list(rewards), rewards={"r": list(rewards)})
+                 solution=[None] * n, reward=list(rewards), rewards={"r": list(rewards)},
+                 gold=list(rewards if gold is None else gold))
 
 
 def test_overlong_penalty_values():
@@ -62,9 +64,26 @@ def test_without_dynamic_sampling_nothing_is_resampled():
     assert len(kept) == 2 and "sampling/rounds" not in metrics
 
 
-def test_penalty_runs_before_group_filters_whatever_the_config_order():
-    # equal rewards but different lengths: the overlong penalty gives the group variance, so it is kept
-    batch = group_batch("a", [1.0, 1.0], lengths=[2, 10])
-    _, kept, _ = collect(batch, [DynamicSampling(max_rounds=1), OverlongPenalty(max_length=10, cache=4)],
-                         lambda n: pytest.fail("resampled"), groups=1)
-    assert len(kept) == 2 and kept.reward == [1.0, 0.0]
+def test_dynamic_sampling_decides_on_correctness_before_the_overlong_penalty():
+    # all correct, different lengths: the penalty makes the final rewards differ, yet the group has no
+    # correctness signal (DAPO keeps a group only when 0 < correct < G), whatever the config order
+    filters = [DynamicSampling(max_rounds=1), OverlongPenalty(max_length=10, cache=4)]
+    for metric in ("gold", "reward", "r"):
+        filters[0].metric = metric
+        _, kept, metrics = collect(group_batch("a", [1.0, 1.0], lengths=[2, 10]), filters, lambda n: None, groups=1)
+        assert len(kept) == 0 and metrics["filter/dynamic_sampling/dropped"] == 2
+    mixed = group_batch("b", [1.0, 0.0], lengths=[2, 10])
+    _, kept, _ = collect(mixed, filters, lambda n: pytest.fail("resampled"), groups=1)
+    assert kept.reward == [1.0, -1.0] and kept.rewards["overlong"] == [0.0, -1.0]
+
+
+def test_dynamic_sampling_metric_chooses_the_column():
+    # reward says all equal (a proxy scored both 0.5), gold says one of two is right: gold keeps the group
+    batch = group_batch("a", [0.5, 0.5], gold=[1.0, 0.0])
+    assert DynamicSampling().keep(batch) == [0, 1] and DynamicSampling(metric="reward").keep(batch) == []
+    no_gold = group_batch("a", [0.0, 1.0])
+    no_gold.gold = None
+    with pytest.raises(UserError, match="metric=gold needs reference answers"):
+        DynamicSampling().keep(no_gold)
+    with pytest.raises(UserError, match="'prm' is not gold, reward or a reward column of this run \\(r\\)"):
+        DynamicSampling(metric="prm").keep(batch)

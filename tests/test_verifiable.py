@@ -2,7 +2,7 @@
 
 import pytest
 
-from rewardlab.rewards.verifiable import answers_equal, check, extract_answer
+from rewardlab.answers import answers_equal, check, extract_answer
 
 
 @pytest.mark.parametrize("text,fmt,expected", [

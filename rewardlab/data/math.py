@@ -17,7 +17,7 @@ from rewardlab.data.gsm8k import BOXED_INSTRUCTION
 from rewardlab.data.source import LoadedTask, SourceConfig
 from rewardlab.data.templates import PromptConfig
 from rewardlab.errors import UserError
-from rewardlab.rewards.verifiable import last_boxed
+from rewardlab.answers import last_boxed
 
 
 @schema("dataset", "math")

@@ -18,7 +18,7 @@ from rewardlab.data.files import Row, hub_rows, read_rows
 from rewardlab.data.templates import PromptConfig, PromptTemplate
 from rewardlab.errors import UserError
 
-ANSWER_FORMATS = ("auto", "hash", "boxed", "last_number")  # what rewards.verifiable.extract_answer reads
+ANSWER_FORMATS = ("auto", "hash", "boxed", "last_number")  # what rewardlab.answers.extract_answer reads
 
 
 @dataclass

@@ -18,11 +18,12 @@ import re
 from dataclasses import field
 from typing import Optional
 
+from rewardlab.answers import answers_equal
 from rewardlab.config import schema
 from rewardlab.errors import UserError
-from rewardlab.rewards.verifiable import answers_equal
+from rewardlab.rewards.process import ProcessReward
 from rewardlab.rollout import Batch
-from rewardlab.steps import ProcessReward, StepSplit
+from rewardlab.steps import StepSplit
 
 _EQUATION = re.compile(r"^(-?\d+)([+\-*])(-?\d+)=(-?\d+)$")
 _ANSWER = re.compile(r"^####(-?\d+)$")

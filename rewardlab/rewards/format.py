@@ -8,7 +8,7 @@ from typing import Optional
 from rewardlab.config import schema
 from rewardlab.errors import UserError
 from rewardlab.rewards.base import Reward
-from rewardlab.rewards.verifiable import extract_answer
+from rewardlab.answers import extract_answer
 from rewardlab.rollout import Batch
 
 

@@ -18,7 +18,7 @@ from typing import Optional, Protocol, Sequence
 from rewardlab.config import schema
 from rewardlab.errors import UserError
 from rewardlab.rewards.base import Reward
-from rewardlab.rewards.verifiable import check
+from rewardlab.answers import check
 from rewardlab.rollout import Batch
 
 Verdicts = list[list[Optional[float]]]

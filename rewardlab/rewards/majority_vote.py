@@ -7,9 +7,9 @@ answer equals it (completions with no answer never vote and score 0).
 
 from __future__ import annotations
 
+from rewardlab.answers import answer_clusters, extract_answer
 from rewardlab.config import schema
 from rewardlab.rewards.base import Reward
-from rewardlab.rewards.verifiable import answers_equal, extract_answer
 from rewardlab.rollout import Batch
 
 
@@ -22,16 +22,7 @@ class MajorityVoteConfig:
 
 def majority_labels(answers: list[str | None]) -> list[float]:
     """1.0 for rows whose answer is in the largest equivalence cluster (ties: first seen), else 0.0."""
-    clusters: list[list[int]] = []
-    for i, answer in enumerate(answers):
-        if answer is None:
-            continue
-        for cluster in clusters:
-            if answers_equal(answer, answers[cluster[0]]):
-                cluster.append(i)
-                break
-        else:
-            clusters.append([i])
+    clusters = answer_clusters(answers)
     winner = set(max(clusters, key=len)) if clusters else set()
     return [float(i in winner) for i in range(len(answers))]
 
