@@ -1,10 +1,11 @@
 """Filters: what is kept between scoring and the update. Each is `Filter(batch) -> Batch` and
 reports what it did through `last_metrics`.
 
-Filters run in the order of their `order` (then config order): dynamic sampling first (it decides on
-correctness, never on length), then reward shaping (overlong penalty), then row drops (non-finite
-rewards), then the zero-variance group drop, which sees the final rewards. `DynamicSampling` also tells
-the loop to sample more prompts until the batch is full (rewardlab.sampling.collect).
+Filters run in the order of their `order` (then config order): reward shaping (overlong penalty) first,
+then row drops (non-finite rewards), then group drops. The zero-variance drop sees the final rewards;
+dynamic sampling decides on correctness (or the reward before shaping, kept in `extra['reward_unshaped']`),
+never on length, and also tells the loop to sample more prompts until the batch is full
+(rewardlab.sampling.collect).
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ class DynamicSamplingConfig:
 class DynamicSampling(Filter):
     """DAPO dynamic sampling: keep a group only when its `metric` differs within it (for correctness:
     0 < correct < G, verl's `filter_groups.metric: acc`), and have the loop sample more prompts until
-    `run.prompts_per_iteration` groups are kept, in at most `max_rounds` rounds. It runs before the overlong
-    penalty, so all-correct groups of different lengths are dropped: they carry no correctness signal."""
+    `run.prompts_per_iteration` groups are kept, in at most `max_rounds` rounds. No length penalty enters
+    the decision, so all-correct groups of different lengths are dropped: they carry no correctness signal."""
 
     name = "dynamic_sampling"
-    order = -10
+    order = 20
 
     def __init__(self, max_rounds: int = 4, metric: str = "gold") -> None:
         super().__init__()
@@ -93,7 +94,7 @@ class DynamicSampling(Filter):
                                 "none: set filters.dynamic_sampling.metric=reward or a reward component's name")
             return batch.gold
         if self.metric == "reward":
-            return batch.reward
+            return batch.extra.get("reward_unshaped", batch.reward)
         if self.metric not in batch.rewards:
             raise UserError(f"filters.dynamic_sampling.metric={self.metric!r} is not gold, reward or a reward "
                             f"column of this run ({', '.join(batch.rewards) or 'none'})")
@@ -140,6 +141,7 @@ class OverlongPenalty(Filter):
 
     def __call__(self, batch: Batch) -> Batch:
         penalties = [self.penalty(len(ids)) for ids in batch.completion_ids]
+        batch.extra.setdefault("reward_unshaped", list(batch.reward))
         batch.reward = [r + p for r, p in zip(batch.reward, penalties)]
         if self.column:
             batch.rewards[self.column] = penalties
