@@ -186,8 +186,8 @@ def normalize_answer(text: str) -> str:
 def _as_number(text: str, decimal_comma: bool = False) -> Fraction | None:
     """A plain number's exact value: `1,000` and `1 000` are thousands, `0,111` and (with `decimal_comma`)
     `1,22` are decimals; None for anything else."""
-    s = text.strip().rstrip(".") if text.strip().count(".") == 1 and text.strip().endswith(".") else text.strip()
-    s = s.lstrip("+")
+    s = text.strip().lstrip("+")
+    s = s[:-1] if s.endswith(".") and s.count(".") == 1 else s
     grouped = _GROUPED.match(s)
     if grouped and not (grouped.group(1).lstrip("-") == "0" and len(grouped.group(2)) == 4):
         s = grouped.group(1) + grouped.group(2).replace(",", "").replace(" ", "") + (grouped.group(3) or "")
@@ -205,8 +205,7 @@ def _choice(text: str) -> str | None:
 
 
 def _number_list(text: str) -> list[Fraction] | None:
-    parts = [p for p in re.split(r",\s+|,(?!\d{3})", text)]
-    values = [_as_number(p) for p in parts]
+    values = [_as_number(p) for p in re.split(r",\s+|,(?!\d{3})", text)]
     return values if len(values) > 1 and all(v is not None for v in values) else None
 
 
