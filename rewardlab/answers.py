@@ -165,6 +165,8 @@ def extract_answer(text: str, answer_format: str = "auto", reference: str | None
         if answer_format == "boxed":
             return boxed[1] if boxed else None
         phrase = _phrase_answer(text, boxed[0] if boxed else 0)
+        if phrase and boxed and not re.search(r"[\d\\({\[]", phrase) and len(phrase.split()) > 1:
+            phrase = None  # "Answer: see above" after a box is no answer; "Answer: 12" or "Answer: C" is
         if phrase or boxed:
             return phrase or boxed[1]
         span = _math_span(text)

@@ -76,6 +76,7 @@ def test_overall_accuracy_on_the_suites(verdicts):
     ("so $10,200 + \\boxed{255} = 10,455$. Final Answer: The final answer is $10,455$. I hope it is correct.",
      "10455", 1.0),
     ("Answer: 12\n\nthen \\boxed{7}", "7", 1.0),
+    ("\\boxed{5}\n\nAnswer: see the work above", "5", 1.0),
     # multiple choice: the letter or the letter with its option text
     ("\\boxed{C. x = 42}", "C", 1.0),
     ("\\boxed{C}", "C. x = 42", 1.0),
