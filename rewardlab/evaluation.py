@@ -42,7 +42,7 @@ def evaluate(generator, examples: Sequence[Example], answer_format: str = "auto"
     pass@k is the unbiased estimate over all n samples per prompt (n = `samples` or max(pass_k));
     maj@k votes over the first k of those samples. Sampling is seeded with `seed` inside a forked RNG.
     """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return _evaluate(generator, examples, answer_format, pass_k, samples)
