@@ -109,7 +109,7 @@ def _phrase_answer(text: str, after: int = 0) -> str | None:
         return None
     rest = text[found[-1].end():].strip()
     sentence = re.split(r"\n|\.\s|\.$", rest, maxsplit=1)[0]
-    answer = re.sub(r'\$|\\[()\[\]]|\\?"', " ", sentence).strip().rstrip(".").strip()
+    answer = re.sub(r'\\?\$|\\[()\[\]]|\\?"', " ", sentence).strip().rstrip(".").strip()
     if " is " in answer:
         answer = answer.rsplit(" is ", 1)[1].strip()
     if _PROSE.search(_TEXT.sub("", answer)):
