@@ -90,8 +90,7 @@ def plain_math_verify(completions: list[str], references: list[str]) -> list[flo
 def clear_caches() -> None:
     from rewardlab import answers
 
-    if hasattr(answers, "clear_cache"):
-        answers.clear_cache()
+    answers.clear_cache()
 
 
 def time_it(fn, *args) -> tuple[float, object]:
