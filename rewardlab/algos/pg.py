@@ -40,6 +40,7 @@ class PGConfig:
     advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp
     credit: str = "outcome"  # outcome | sum | min (step-level: needs a process reward; baseline from `advantage`)
     step_temperature: float = 0.1  # PURE's softmax temperature T for credit=min
+    prm_scale: str = "prob"  # the default reward.scale of a PRM under this algorithm (pure: signed, 2p - 1)
     outcome: Optional[str] = None  # process credit: a batch.rewards column added at the last token
     outcome_weight: float = 1.0
     lr: float = 5e-5
