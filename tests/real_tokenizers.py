@@ -158,7 +158,7 @@ def save_model(directory: Path, arch: str, head: str, tokenizer_kind: str, num_l
     prefix = {"qwen2": "Qwen2", "llama": "Llama", "mistral": "Mistral"}[arch]
     config = getattr(transformers, f"{prefix}Config")(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False, num_labels=num_labels,
+        num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=False, num_labels=num_labels,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     suffix = {"causal": "ForCausalLM", "token": "ForTokenClassification", "sequence": "ForSequenceClassification"}[head]
