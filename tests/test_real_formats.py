@@ -158,6 +158,10 @@ def test_algo_pure_defaults_prm_scale_to_signed():
         assert scale("algo=grpo", "reward=prm").scale == "prob"
         assert scale("algo=pure", "reward=prm", "reward.scale=prob").scale == "prob"
         assert compose(config_name="score", overrides=["reward=prm"]).reward.scale == "prob"
+    from rewardlab.algos.pg import PolicyGradient
+
+    with pytest.raises(UserError, match="algo.prm_scale"):
+        PolicyGradient(prm_scale="logit")
 
 
 @pytest.mark.parametrize("kind", ["judge", "pairwise"])
@@ -206,6 +210,9 @@ def test_conversational_rows_are_rendered_once_with_the_policy_template(tmp_path
     assert example.prompt == tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert example.prompt.count("<|im_start|>system") == 1 and example.question == QUESTION
     assert example.messages == conversation
+    llama = policies["llama_policy"].tokenizer
+    ids = llama(PromptTemplate.render(conversation, llama), add_special_tokens=False)["input_ids"]  # as generators do
+    assert ids[0] == llama.bos_token_id and ids.count(llama.bos_token_id) == 1
     batch = batch_from_rows([{"prompt": conversation, "completion": "22"}, {"prompt": "1+1=?", "completion": "2"}], tok)
     assert batch.prompt[0] == example.prompt and batch.prompt[1] == "1+1=?"  # a plain prompt is taken as raw
     assert batch.question == [QUESTION, "1+1=?"] and batch.messages == [conversation, None]

@@ -71,6 +71,8 @@ def check_settings(cfg: PGConfig) -> None:
                             f"(GRPO's step normalization) or rloo (PURE's token-level RLOO), not {cfg.advantage}")
     elif cfg.outcome is not None:
         raise UserError("algo.outcome adds an outcome reward to process credit; set algo.credit=sum or min")
+    if cfg.prm_scale not in ("prob", "signed"):
+        raise UserError(f"algo.prm_scale={cfg.prm_scale!r} is not one of prob, signed")
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
         raise UserError(f"algo.loss_agg={cfg.loss_agg!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
     if cfg.lr_schedule not in LR_SCHEDULES:
