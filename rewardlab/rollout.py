@@ -3,6 +3,10 @@
 Rewards add columns, filters drop rows, algorithms read what they need and write `advantages`.
 Columns are plain Python lists (ragged token ids and step rewards stay ragged); `rewards` holds one
 column per named reward component and `extra` any other per-row column a component adds.
+`question` and `messages` keep each row's input before the policy's chat template (the data set's raw
+question, and the conversation the policy was shown), so every reward renders its own model's template
+once instead of wrapping an already rendered prompt; a row without them (a plain JSONL prompt given to
+`rewardlab score`) treats its `prompt` as the raw question.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _ROW_LISTS = ("prompt_id", "prompt", "completion", "prompt_ids", "completion_ids", "sample_logprobs",
-              "finish_reason", "steps", "reference", "solution", "reward", "step_rewards", "gold",
-              "advantages")
+              "finish_reason", "steps", "reference", "solution", "question", "messages", "reward",
+              "step_rewards", "gold", "advantages")
 
 
 @dataclass
@@ -33,6 +37,8 @@ class Batch:
     solution: list[str | None]
     sample_logprobs: list[list[float]] | None = None
     steps: list[list[str]] | None = None
+    question: list[str | None] | None = None  # the raw question, before any chat template
+    messages: list[list[dict[str, str]] | None] | None = None  # the conversation the policy was shown
     rewards: dict[str, list[float]] = field(default_factory=dict)
     reward: list[float] | None = None
     step_rewards: list[list[float]] | None = None
@@ -50,6 +56,18 @@ class Batch:
         for i, pid in enumerate(self.prompt_id):
             out.setdefault(pid, []).append(i)
         return out
+
+    def raw_question(self, i: int) -> str:
+        """Row `i`'s question before any template; its `prompt` when the batch has none (taken as raw)."""
+        question = None if self.question is None else self.question[i]
+        return self.prompt[i] if question is None else question
+
+    def conversation(self, i: int) -> list[dict[str, str]]:
+        """Row `i`'s conversation before any template (the raw question as one user turn when none is stored)."""
+        messages = None if self.messages is None else self.messages[i]
+        if messages:
+            return [{"role": m["role"], "content": m["content"]} for m in messages]
+        return [{"role": "user", "content": self.raw_question(i)}]
 
     def has_references(self) -> bool:
         return any(r is not None for r in self.reference)

@@ -4,7 +4,9 @@ parquet rollouts, with any reward config; write one JSON row per input with `rew
 
 JSONL rows are grouped by prompt text (group rewards such as majority vote see each prompt's rows
 together) and tokenized with the policy's tokenizer; fields other than prompt/completion/reference
-(e.g. `id`) pass through unchanged. Rollouts keep their own groups and token ids.
+(e.g. `id`) pass through unchanged. Rollouts keep their own groups and token ids. A plain-text prompt is
+taken as the raw question (rewards render it with their own templates; the policy reads it as given); a
+prompt given as chat messages (TRL's conversational format) is rendered with the policy's chat template.
 """
 
 from __future__ import annotations
@@ -60,14 +62,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def batch_from_rows(rows: list[dict[str, Any]], tokenizer) -> Batch:
     """One Batch of JSONL rows, grouped by prompt text, token ids from `tokenizer`."""
 
+    from rewardlab.data.templates import PromptTemplate, as_messages, last_user
+
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    return Batch(prompt_id=[r["prompt"] for r in rows], prompt=[r["prompt"] for r in rows],
-                 completion=[r["completion"] for r in rows], prompt_ids=[encode(r["prompt"]) for r in rows],
+    messages = [as_messages(r["prompt"], f"row {n} of the input") for n, r in enumerate(rows, start=1)]
+    prompts = [str(r["prompt"]) if m is None else PromptTemplate.render(m, tokenizer) for r, m in zip(rows, messages)]
+    return Batch(prompt_id=list(prompts), prompt=prompts,
+                 completion=[r["completion"] for r in rows], prompt_ids=[encode(p) for p in prompts],
                  completion_ids=[encode(r["completion"]) for r in rows], finish_reason=["stop"] * len(rows),
                  reference=[None if r.get("reference") is None else str(r["reference"]) for r in rows],
-                 solution=[r.get("solution") for r in rows])
+                 solution=[r.get("solution") for r in rows],
+                 question=[str(r["prompt"]) if m is None else last_user(m) for r, m in zip(rows, messages)],
+                 messages=messages)
 
 
 def rollout_files(path: Path) -> list[Path]:

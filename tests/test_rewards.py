@@ -110,6 +110,6 @@ def test_orm_scores_with_and_without_chat_template(tmp_path):
     assert len(set(scores)) == 2
     chat = save_tiny(tmp_path / "orm_chat", "sequence", num_labels=1,
                      chat_template="{% for m in messages %}#{{ m['content'] }}{% endfor %}")
-    assert ORMReward(model=str(chat), device="cpu").text("1+1=?", "2") == "#1+1=?#2"
+    assert ORMReward(model=str(chat), device="cpu").text([{"role": "user", "content": "1+1=?"}], "2") == "#1+1=?#2"
     with pytest.raises(UserError, match="reward.model"):
         ORMReward()

@@ -160,17 +160,18 @@ class IterativeDPO:
         if new and self.updates == 0:
             for pid in new:
                 self.anchors[pid] = {"prompt": batch.prompt[groups[pid][0]], "reference": batch.reference[groups[pid][0]],
-                                     "solution": batch.solution[groups[pid][0]],
+                                     "solution": batch.solution[groups[pid][0]], **_raw_input(batch, groups[pid][0]),
                                      "completions": [batch.completion[i] for i in groups[pid]]}
         elif new:
             frozen = Policy(self._initial(policy), policy.tokenizer, policy.source, policy.device)
             generator = HFGenerator(frozen, sampling=Sampling(temperature=self.context.temperature,
                                                                max_new_tokens=self.context.max_new_tokens))
             examples = [Example(pid, batch.prompt[groups[pid][0]], batch.reference[groups[pid][0]],
-                                batch.solution[groups[pid][0]]) for pid in new]
+                                batch.solution[groups[pid][0]], **_raw_input(batch, groups[pid][0])) for pid in new]
             sampled = generator.generate(examples, n=self.cfg.samples_per_prompt)
             for ex, rows in zip(examples, sampled.groups().values()):
                 self.anchors[ex.id] = {"prompt": ex.prompt, "reference": ex.answer, "solution": ex.solution,
+                                       "question": ex.question, "messages": ex.messages,
                                        "completions": [sampled.completion[i] for i in rows]}
         rows = [(pid, a, c) for pid in groups for a in [self.anchors[pid]] for c in a["completions"]]
         tok = policy.tokenizer
@@ -179,7 +180,8 @@ class IterativeDPO:
                         prompt_ids=[tok(a["prompt"], add_special_tokens=False)["input_ids"] for _, a, _ in rows],
                         completion_ids=[tok(c, add_special_tokens=False)["input_ids"] for _, _, c in rows],
                         finish_reason=["stop"] * len(rows), reference=[a["reference"] for _, a, _ in rows],
-                        solution=[a["solution"] for _, a, _ in rows], iteration=batch.iteration)
+                        solution=[a["solution"] for _, a, _ in rows], question=[a.get("question") for _, a, _ in rows],
+                        messages=[a.get("messages") for _, a, _ in rows], iteration=batch.iteration)
         self.context.reward.score(anchors)
         return anchors, {"anchors/prompts_sampled": float(len(new) if self.updates else 0),
                          "anchors/stored_prompts": float(len(self.anchors))}
@@ -251,3 +253,9 @@ def trl_metrics(history: list[dict[str, float]]) -> dict[str, float]:
         if values:
             out[f"dpo/{key.split('/', 1)[1]}"] = sum(values) / len(values)
     return out
+
+
+def _raw_input(batch: Batch, i: int) -> dict:
+    """Row `i`'s question and conversation before the policy's template (rewards render their own)."""
+    return {"question": None if batch.question is None else batch.question[i],
+            "messages": None if batch.messages is None else batch.messages[i]}

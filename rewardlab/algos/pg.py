@@ -40,6 +40,7 @@ class PGConfig:
     advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp
     credit: str = "outcome"  # outcome | sum | min (step-level: needs a process reward; baseline from `advantage`)
     step_temperature: float = 0.1  # PURE's softmax temperature T for credit=min
+    prm_scale: str = "prob"  # the default reward.scale of a PRM under this algorithm (pure: signed, 2p - 1)
     outcome: Optional[str] = None  # process credit: a batch.rewards column added at the last token
     outcome_weight: float = 1.0
     lr: float = 5e-5
@@ -70,6 +71,8 @@ def check_settings(cfg: PGConfig) -> None:
                             f"(GRPO's step normalization) or rloo (PURE's token-level RLOO), not {cfg.advantage}")
     elif cfg.outcome is not None:
         raise UserError("algo.outcome adds an outcome reward to process credit; set algo.credit=sum or min")
+    if cfg.prm_scale not in ("prob", "signed"):
+        raise UserError(f"algo.prm_scale={cfg.prm_scale!r} is not one of prob, signed")
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
         raise UserError(f"algo.loss_agg={cfg.loss_agg!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
     if cfg.lr_schedule not in LR_SCHEDULES:

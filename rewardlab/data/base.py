@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -13,13 +13,17 @@ class Example:
     """One prompt with what is known about its answer.
 
     `answer` is the final answer the verifiable reward compares with; `solution` is a full
-    reference response (for SPIN, BLEU or a warm start) when the data set has one.
+    reference response (for SPIN, BLEU or a warm start) when the data set has one. `prompt` is what the
+    policy reads (rendered by `Task.prepare`); `question` and `messages` are the raw question and the
+    conversation before any chat template, which rewards render with their own models' templates.
     """
 
     id: str
     prompt: str
     answer: str | None = None
     solution: str | None = None
+    question: str | None = None
+    messages: Optional[list[dict[str, str]]] = field(default=None, hash=False)
 
 
 class Task(ABC):

@@ -9,6 +9,7 @@ from rewardlab.config import schema
 from rewardlab.data.base import Example
 from rewardlab.data.files import Row
 from rewardlab.data.source import LoadedTask, SourceConfig
+from rewardlab.data.templates import as_messages, last_user
 
 
 @dataclass
@@ -27,7 +28,8 @@ class JsonlConfig(FieldsConfig):
 
 
 class FieldsTask(LoadedTask):
-    """Rows whose fields are named by `prompt_field`, `answer_field` and `solution_field`."""
+    """Rows whose fields are named by `prompt_field`, `answer_field` and `solution_field`. A prompt that is a
+    list of chat messages (TRL's conversational format) is kept as the conversation and rendered as given."""
 
     name = "jsonl"
 
@@ -37,6 +39,9 @@ class FieldsTask(LoadedTask):
         super().__init__(**source)
 
     def example(self, row: Row, example_id: str) -> Example:
+        prompt = row.get(self.fields["prompt"], f"dataset.prompt_field={self.fields['prompt']}")
+        messages = as_messages(prompt, row.where)
         values = {key: None if name is None else str(row.get(name, f"dataset.{key}_field={name}"))
-                  for key, name in self.fields.items()}
-        return Example(id=example_id, **values)
+                  for key, name in self.fields.items() if key != "prompt"}
+        question = str(prompt) if messages is None else last_user(messages)
+        return Example(id=example_id, prompt=question, messages=messages, **values)

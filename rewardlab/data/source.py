@@ -109,10 +109,25 @@ class LoadedTask(Task):
         return shots
 
     def prepare(self, tokenizer: Any) -> None:
-        """Format every prompt with the template and the policy's tokenizer."""
+        """Format every prompt with the template and the policy's tokenizer, keeping the raw question and the
+        conversation beside it (rewards render those with their own templates)."""
         shots = [(e.prompt, e.solution) for e in self._shots]
-        self._train = [replace(e, prompt=self.template.format(e.prompt, shots, tokenizer)) for e in self._raw_train]
-        self._test = [replace(e, prompt=self.template.format(e.prompt, shots, tokenizer)) for e in self._raw_test]
+        self._train = [self._render(e, shots, tokenizer) for e in self._raw_train]
+        self._test = [self._render(e, shots, tokenizer) for e in self._raw_test]
+
+    def _render(self, example: Example, shots: list[tuple[str, str]], tokenizer: Any) -> Example:
+        """A raw example (`prompt` = the question, `messages` = a conversation given by the data) rendered."""
+        question = example.prompt
+        if example.messages is not None:
+            if not self.template.chat:
+                raise UserError(f"{example.id}: the data set's prompts are chat messages, which need the policy's "
+                                f"chat template; set dataset.prompt.chat=true")
+            messages = example.messages
+        else:
+            messages = self.template.messages(question, shots) if self.template.chat else None
+        prompt = (self.template.render(messages, tokenizer) if messages is not None
+                  else self.template.format(question, shots, tokenizer))
+        return replace(example, prompt=prompt, question=question, messages=messages)
 
     def train_examples(self) -> Sequence[Example]:
         return self._formatted(self._train)

@@ -113,6 +113,7 @@ class HFGenerator:
             prompt_id=[ex.id for ex in rows], prompt=[ex.prompt for ex in rows], completion=texts,
             prompt_ids=row_ids, completion_ids=completion_ids, finish_reason=finish,
             reference=[ex.answer for ex in rows], solution=[ex.solution for ex in rows],
+            question=[ex.question for ex in rows], messages=[ex.messages for ex in rows],
             sample_logprobs=None if greedy else logprobs,
         )
 

@@ -79,5 +79,6 @@ class VLLMGenerator:
             prompt_ids=row_ids, completion_ids=completion_ids,
             finish_reason=["stop" if ids and ids[-1] == eos else "length" for ids in completion_ids],
             reference=[ex.answer for ex in rows], solution=[ex.solution for ex in rows],
+            question=[ex.question for ex in rows], messages=[ex.messages for ex in rows],
             sample_logprobs=None if greedy else [[float(lp[0]) for lp in row] for row in logprobs],
         )

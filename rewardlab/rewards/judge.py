@@ -149,9 +149,10 @@ class LLMJudge:
         self.generator = HFGenerator(judge_policy, batch_size=self.spec.batch_size, sampling=sampling)
 
     def ask(self, queries: Sequence[str]) -> list[list[str]]:
-        """`samples` judge outputs per query. A query longer than the judge model's context window
-        (less the answer budget) keeps its end, where the response and the answer format are;
-        `truncated` counts those."""
+        """`samples` judge outputs per query, each query sent as one user turn through the judge model's own
+        chat template (plain text after its BOS when it has none). A query longer than the judge model's
+        context window (less the answer budget) keeps its end, where the response and the answer format
+        are; `truncated` counts those."""
         from rewardlab.data.base import Example
 
         if self.generator is None:
@@ -162,14 +163,27 @@ class LLMJudge:
         examples = []
         self.truncated = 0
         for i, query in enumerate(queries):
-            ids = policy.tokenizer(query, add_special_tokens=False)["input_ids"]
-            if budget is not None and len(ids) > budget:
-                query = policy.tokenizer.decode(ids[-budget:])
+            tokenizer = policy.tokenizer
+            prompt = render_query(tokenizer, query)
+            excess = 0 if budget is None else len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - budget
+            if excess > 0:
+                ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+                prompt = render_query(tokenizer, tokenizer.decode(ids[min(excess, len(ids) - 1):]))
                 self.truncated += 1
-            examples.append(Example(id=str(i), prompt=query))
+            examples.append(Example(id=str(i), prompt=prompt))
         n = self.spec.samples
         out = self.generator.generate(examples, n=n, greedy=self.spec.temperature == 0)
         return [out.completion[i * n : (i + 1) * n] for i in range(len(queries))]
+
+
+def render_query(tokenizer, query: str) -> str:
+    """A judge query as the judge model reads it: one user turn in its chat template, or BOS + plain text."""
+    from rewardlab.data.templates import bos_text
+
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
+                                             add_generation_prompt=True)
+    return bos_text(tokenizer) + query
 
 
 def make_judge(spec: JudgeModel, low: float, high: float, answer_format: str = "auto"):
@@ -190,7 +204,7 @@ class JudgeRewardConfig:
     _target_: str = "rewardlab.rewards.judge.JudgeReward"
     name: str = "judge"
     judge: JudgeModel = field(default_factory=JudgeModel)
-    template: str = SELF_REWARDING_TEMPLATE  # fields: {prompt} {response}
+    template: str = SELF_REWARDING_TEMPLATE  # fields: {prompt} (the raw question) {response}
     pattern: str = SCORE_PATTERN  # regex whose group 1 holds the score, as the template asks for it
     min_score: float = 0.0
     max_score: float = 5.0
@@ -217,7 +231,8 @@ class JudgeReward(Reward):
 
     def verdicts(self, batch: Batch) -> Verdicts:
         if isinstance(self.judge, LLMJudge):
-            queries = [self.template.format(prompt=p, response=c) for p, c in zip(batch.prompt, batch.completion)]
+            queries = [self.template.format(prompt=batch.raw_question(i), response=c)
+                       for i, c in enumerate(batch.completion)]
             return [[parse_score(text, self.pattern, self.low, self.high) for text in outputs]
                     for outputs in self.judge.ask(queries)]
         return self.judge.scores(batch.prompt, batch.completion, batch.reference)

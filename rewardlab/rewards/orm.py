@@ -1,7 +1,9 @@
 """Outcome reward models (`reward=orm`): a sequence classifier's scalar (Bradley–Terry reward model).
 
-The (prompt, completion) pair goes through the model's chat template when its tokenizer has one (as
-reward models are trained), else as plain concatenated text; the score is the first logit.
+The conversation the policy was shown (its raw messages, never the policy's rendered prompt) plus the
+completion as the assistant's turn goes through the reward model's own chat template when its tokenizer
+has one (as reward models are trained; the template writes its own BOS), else the raw question and the
+completion as plain text with the tokenizer's own special tokens. The score is the first logit.
 """
 
 from __future__ import annotations
@@ -58,20 +60,21 @@ class ORMReward(Reward):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
-    def text(self, prompt: str, completion: str) -> str:
-        """What the reward model reads: its chat template over the exchange, or plain text."""
+    def text(self, messages: list[dict[str, str]], completion: str) -> str:
+        """What the reward model reads: its chat template over the conversation and the reply, or plain text."""
         if self.tokenizer.chat_template:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return prompt + completion
+            exchange = [*messages, {"role": "assistant", "content": completion}]
+            return self.tokenizer.apply_chat_template(exchange, tokenize=False)
+        return [m["content"] for m in messages if m["role"] == "user"][-1] + completion
 
     @torch.inference_mode()
     def compute(self, batch: Batch) -> list[float]:
-        texts = [self.text(p, c) for p, c in zip(batch.prompt, batch.completion)]
+        texts = [self.text(batch.conversation(i), c) for i, c in enumerate(batch.completion)]
+        templated = bool(self.tokenizer.chat_template)  # a template writes its own specials (BOS included)
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length, add_special_tokens=False)
+                                 truncation=True, max_length=self.max_length, add_special_tokens=not templated)
             logits = self.model(**enc.to(self.device)).logits
             scores.extend(float(v) for v in logits[:, 0].float().tolist())
         return scores

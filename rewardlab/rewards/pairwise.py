@@ -43,7 +43,7 @@ class PairwiseJudgeConfig:
     _target_: str = "rewardlab.rewards.pairwise.PairwiseJudgeReward"
     name: str = "pairwise_judge"
     judge: JudgeModel = field(default_factory=lambda: JudgeModel(samples=1))
-    template: str = PAIRWISE_TEMPLATE  # fields: {prompt} {first} {second}
+    template: str = PAIRWISE_TEMPLATE  # fields: {prompt} (the raw question) {first} {second}
     pattern: str = VERDICT_PATTERN  # regex whose group 1 is a key of `verdicts`
     verdicts: Dict[str, float] = field(default_factory=lambda: {"A": 1.0, "B": 0.0, "C": 0.5})
     fallback: Optional[str] = None  # a rule (correct) deciding comparisons with no parsable verdict
@@ -82,7 +82,7 @@ class PairwiseJudgeReward(Reward):
     def compute(self, batch: Batch) -> list[float]:
         comparisons = [(i, j) for rows in batch.groups().values() for a, i in enumerate(rows) for j in rows[a + 1:]]
         both = comparisons + [(j, i) for i, j in comparisons]  # every pair in both orders
-        verdicts = self.ask([batch.prompt[i] for i, _ in both], [batch.completion[i] for i, _ in both],
+        verdicts = self.ask([batch.raw_question(i) for i, _ in both], [batch.completion[i] for i, _ in both],
                             [batch.completion[j] for _, j in both], [batch.reference[i] for i, _ in both])
         half = len(comparisons)
         prob: dict[tuple[int, int], float] = {}

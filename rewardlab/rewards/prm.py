@@ -1,13 +1,18 @@
 """Process reward models (`reward=prm`): one score per step from a model, aggregated to one number.
 
-Formats (`format`), each loaded through `from_pretrained` from a local directory or a hub id:
-- `math_shepherd`: a causal LM; a step tag token follows each step and the step's score is P(good)
-  among the (good, bad) candidate tokens at the tag (Math-Shepherd: tag `ки`, candidates `+`/`-`).
-- `qwen_prm`: a token classifier (Qwen2.5-Math-PRM); a separator token (`<extra_0>`) follows each
-  step, score = P(positive class) at the separator; the chat template is applied when there is one.
-- `token_classification`: a generic step head, score at each step's last token (sigmoid of one
-  logit, or P(class 1) of two).
+Formats (`format`), each loaded through `from_pretrained` from a local directory or a hub id, each fed the
+raw question (never the policy's rendered prompt) in its authors' layout:
+- `math_shepherd`: a causal LM; `question + " " + "step ки\n"...` encoded as its reference code does, with
+  the tokenizer's own BOS (Mistral's `<s>`); the step's score is P(good) among the (good, bad) candidate
+  tokens at the tag (Math-Shepherd: tag `ки`, candidates `+`/`-`).
+- `qwen_prm`: a token classifier (Qwen2.5-Math-PRM); its own chat template over (its system prompt, the
+  question, the steps each followed by `<extra_0>`), score = P(positive class) at the separators.
+- `token_classification`: TRL's PRM data format (PRMTrainer.tokenize_row): BOS (when the tokenizer has
+  one), the question, then each step followed by the step separator (`step_tag`, default "\n"); the
+  score is read where TRL puts the label, the separator's last token (sigmoid of one logit, or P(class 1)).
 - `auto`: chosen from the model's architecture and tokenizer.
+`scale=signed` maps each step probability p to 2p - 1 (PURE's positive-minus-negative score, the scale
+its min-form temperature is set on); `algo=pure` selects it by default through `algo.prm_scale`.
 With no model named, the tiny learned arith PRM is built once and cached (rewards/tiny_prm.py).
 Written here because no maintained library scores PRMs across these formats (TRL only trains them).
 """
@@ -28,7 +33,8 @@ from rewardlab.rollout import Batch
 from rewardlab.steps import StepSplit
 
 FORMATS = ("math_shepherd", "qwen_prm", "token_classification")
-DEFAULT_TAGS = {"math_shepherd": "ки", "qwen_prm": "<extra_0>"}
+DEFAULT_TAGS = {"math_shepherd": "ки", "qwen_prm": "<extra_0>", "token_classification": "\n"}
+SCALES = ("prob", "signed")
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -55,7 +61,8 @@ class PRMConfig:
     model: Optional[str] = None  # local directory or hub id; none: the tiny learned arith PRM
     format: str = "auto"  # auto | math_shepherd | qwen_prm | token_classification
     aggregate: str = "min"  # min | last | prod | mean
-    step_tag: Optional[str] = None  # math_shepherd: ки, qwen_prm: <extra_0> unless set
+    scale: str = "${oc.select:algo.prm_scale,prob}"  # prob (p) | signed (2p - 1, PURE); default: the algo's
+    step_tag: Optional[str] = None  # math_shepherd: ки, qwen_prm: <extra_0>, token_classification: \n
     good_token: str = "+"
     bad_token: str = "-"
     batch_size: int = 32
@@ -94,7 +101,7 @@ class PRMReward(Reward):
     """Step scores from a process reward model into `batch.step_rewards`; the aggregate into the reward."""
 
     def __init__(self, name: str = "prm", model: str | None = None, format: str = "auto",
-                 aggregate: str = "min", step_tag: str | None = None, good_token: str = "+",
+                 aggregate: str = "min", scale: str = "prob", step_tag: str | None = None, good_token: str = "+",
                  bad_token: str = "-", batch_size: int = 32, device: str = "auto", dtype: str = "float32",
                  trust_remote_code: bool = False, split: StepSplit | dict | None = None,
                  tiny: TinyPRMBuild | dict | None = None) -> None:
@@ -107,6 +114,9 @@ class PRMReward(Reward):
             raise UserError(f"reward.format={format!r} is not a known PRM format; use auto or one of "
                             f"{', '.join(FORMATS)}")
         aggregate_steps([], aggregate)
+        if scale not in SCALES:
+            raise UserError(f"reward.scale={scale!r} is not one of {', '.join(SCALES)}")
+        self.scale = scale
         if dtype not in _DTYPES:
             raise UserError(f"reward.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
         self.aggregate, self.batch_size = aggregate, batch_size
@@ -120,11 +130,8 @@ class PRMReward(Reward):
         self.format = detect_format(architectures, self.tokenizer) if format == "auto" else format
         self.device = resolve_device(device)
         self.model = self._load(model, architectures, _DTYPES[dtype], trust_remote_code).to(self.device).eval()
-        self.tag_id = None
-        if self.format in DEFAULT_TAGS:
-            tag = DEFAULT_TAGS[self.format] if step_tag is None else step_tag
-            self.tag_id = self._token_id(tag, "step_tag")
-            self.tag = tag
+        self.tag = DEFAULT_TAGS[self.format] if step_tag is None else step_tag
+        self.tag_id = self._token_id(self.tag, "step_tag")
         self.head = None
         if self.format == "math_shepherd":
             self.candidates = [self._token_id(good_token, "good_token"), self._token_id(bad_token, "bad_token")]
@@ -162,23 +169,27 @@ class PRMReward(Reward):
         return loader.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
 
     # ---- encoding: token ids and the positions where each step is scored ----------------------
-    def _encode(self, prompt: str, steps: list[str]) -> tuple[list[int], list[int]]:
+    def _encode(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
+        """The PRM's input for a raw question and its steps, and the token index where each step is scored."""
         tok = self.tokenizer
-        if self.format == "token_classification":
-            ids, positions = tok.encode(prompt, add_special_tokens=False), []
-            for k, step in enumerate(steps):
-                ids += tok.encode(("\n" if k else "") + step, add_special_tokens=False)
+        if self.format == "token_classification":  # TRL PRMTrainer.tokenize_row
+            separator = tok.encode(self.tag, add_special_tokens=False)
+            ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(
+                question, add_special_tokens=False)
+            positions = []
+            for step in steps:
+                ids += tok.encode(step, add_special_tokens=False) + separator
                 positions.append(len(ids) - 1)
             return ids, positions
-        if self.format == "math_shepherd":
-            text = prompt + " " + "".join(f"{step} {self.tag}\n" for step in steps)
+        if self.format == "math_shepherd":  # the reference code: tokenizer.encode(f"{question} {output}")
+            text, specials = question + " " + "".join(f"{step} {self.tag}\n" for step in steps), True
         elif tok.chat_template:
-            messages = [{"role": "system", "content": QWEN_SYSTEM}, {"role": "user", "content": prompt},
+            messages = [{"role": "system", "content": QWEN_SYSTEM}, {"role": "user", "content": question},
                         {"role": "assistant", "content": "".join(s + self.tag for s in steps)}]
-            text = tok.apply_chat_template(messages, tokenize=False)
+            text, specials = tok.apply_chat_template(messages, tokenize=False), False
         else:
-            text = prompt + "".join(s + self.tag for s in steps)
-        ids = tok.encode(text, add_special_tokens=False)
+            text, specials = question + "".join(s + self.tag for s in steps), True
+        ids = tok.encode(text, add_special_tokens=specials)
         positions = [i for i, t in enumerate(ids) if t == self.tag_id][-len(steps):] if steps else []
         return ids, positions
 
@@ -193,10 +204,10 @@ class PRMReward(Reward):
         return logits.softmax(-1)[:, 1]
 
     @torch.inference_mode()
-    def step_scores(self, prompts: list[str], steps: list[list[str]]) -> list[list[float]]:
-        """Each row's step scores. Rows are batched by length (`batch_size` right-padded sequences of similar
+    def step_scores(self, questions: list[str], steps: list[list[str]]) -> list[list[float]]:
+        """Each row's step probabilities (raw questions in). Rows are batched by length (`batch_size` right-padded sequences of similar
         length, so little compute goes to padding) and the scores returned in the input order."""
-        encoded = [self._encode(p, s) for p, s in zip(prompts, steps)]
+        encoded = [self._encode(q, s) for q, s in zip(questions, steps)]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out: list[list[float]] = [[] for _ in encoded]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
@@ -233,8 +244,9 @@ class PRMReward(Reward):
 
     def compute(self, batch: Batch) -> list[float]:
         steps = [[s for s, _ in self.split.split(text)] for text in batch.completion]
-        scores = self.step_scores(batch.prompt, steps)
+        probabilities = self.step_scores([batch.raw_question(i) for i in range(len(batch))], steps)
+        scores = probabilities if self.scale == "prob" else [[2.0 * p - 1.0 for p in row] for row in probabilities]
         batch.steps = steps
         batch.step_rewards = scores
-        batch.extra[f"{self.name}/step_scores"] = [list(s) for s in scores]
+        batch.extra[f"{self.name}/step_scores"] = [list(p) for p in probabilities]  # the model's probabilities
         return [aggregate_steps(s, self.aggregate) for s in scores]

@@ -2,7 +2,10 @@
 reference answer placed after the completion's own reasoning; no verifier needed.
 
 The reasoning is the completion up to its last `answer_prefix` (the whole completion when it has
-none); then `answer_prefix` + reference are appended and the reference tokens are scored.
+none); then `answer_prefix` + reference are appended and the reference tokens are scored. The response
+text (reasoning, prefix and reference) is encoded once, after the policy's own prompt tokens, and the
+reference's tokens are those whose character span reaches into the reference (offsets), so `"#### Paris"`
+is scored as the model writes it (`" Paris"` one token), never as a token boundary it would not produce.
 """
 
 from __future__ import annotations
@@ -41,16 +44,26 @@ class RefLikelihoodReward(Reward):
         text = completion[:cut] if cut >= 0 else completion
         return text if not text.strip() or text.endswith("\n") else text + "\n"
 
+    @staticmethod
+    def split(tokenizer, context: str, reference: str) -> tuple[list[int], list[int]]:
+        """`context + reference` encoded once: (tokens before the reference, the tokens that cover it)."""
+        encoded = tokenizer(context + reference, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        start = next((k for k, (_, end) in enumerate(encoded["offset_mapping"]) if end > len(context)), len(ids))
+        return ids[:start], ids[start:]
+
     def compute(self, batch: Batch) -> list[float]:
         require_policy(self)
         if any(r is None for r in batch.reference):
             raise UserError("reward=ref_likelihood needs a reference answer for every row")
         tok = self.policy.tokenizer
+        if not getattr(tok, "is_fast", False):
+            raise UserError("reward=ref_likelihood needs a fast (tokenizers-backed) policy tokenizer to locate the "
+                            "reference's tokens by character offsets")
         rows = []
         for prompt_ids, completion, reference in zip(batch.prompt_ids, batch.completion, batch.reference):
-            context = list(prompt_ids) + tok.encode(self.reasoning(completion) + self.answer_prefix,
-                                                    add_special_tokens=False)
-            rows.append((context, tok.encode(str(reference), add_special_tokens=False)))
+            context, target = self.split(tok, self.reasoning(completion) + self.answer_prefix, str(reference))
+            rows.append((list(prompt_ids) + context, target))
         out = []
         for (_, target), logits in zip(rows, completion_logits(self.policy, rows, self.batch_size)):
             index = torch.tensor(target, device=logits.device)[:, None]
