@@ -60,6 +60,11 @@ class Policy:
         sharding.shard(self.model)
         self.sharding = sharding
 
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Every token id that ends a completion (see `stop_token_ids`)."""
+        return stop_token_ids(self.model, self.tokenizer)
+
     @contextlib.contextmanager
     def full_weights(self, model: torch.nn.Module | None = None) -> Iterator[None]:
         """`model` (the policy's by default) with whole weights for no-grad passes: decoding, scoring,
@@ -81,6 +86,14 @@ class Policy:
         if self._reference is None:
             self._reference = self.load_fresh().eval().requires_grad_(False)
         yield self._reference
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> tuple[int, ...]:
+    """The tokenizer's EOS, then each EOS id of the model's generation_config.json, once each: chat models
+    end a turn with several (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>; Llama-3.1-Instruct: three)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return tuple(dict.fromkeys(int(i) for i in [tokenizer.eos_token_id, *listed] if i is not None))
 
 
 def resolve_device(name: str) -> torch.device:
