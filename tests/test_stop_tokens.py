@@ -64,12 +64,19 @@ def policy(model_dir):
 def test_stop_ids_are_the_union_of_tokenizer_and_generation_config(policy):
     tokenizer = policy.tokenizer
     second = tokenizer.convert_tokens_to_ids(";")
-    assert policy.stop_token_ids == (tokenizer.eos_token_id, second)  # tokenizer's first, no duplicate
+    assert stop_token_ids(policy.model, policy.tokenizer) == (tokenizer.eos_token_id, second)  # tokenizer's first, no duplicate
     policy.model.generation_config.eos_token_id = tokenizer.eos_token_id  # a single int, as many configs write it
     try:
         assert stop_token_ids(policy.model, tokenizer) == (tokenizer.eos_token_id,)
     finally:
         policy.model.generation_config.eos_token_id = [second, tokenizer.eos_token_id]
+
+
+def test_the_generator_built_as_runs_build_it_stops_too(policy):
+    from hydra.utils import instantiate
+
+    generator = instantiate({"_target_": "rewardlab.generation.hf.HFGenerator"}, policy=policy)  # as run.py
+    assert generator.generate(PROMPTS, greedy=True).finish_reason == ["stop", "stop"]
 
 
 @pytest.mark.parametrize("engine", ["native", "generate"])
@@ -108,7 +115,7 @@ def test_vllm_wrapper_passes_every_stop_id_and_reads_either_as_stop(policy, monk
     from rewardlab.generation.vllm import VLLMGenerator
 
     generator = VLLMGenerator(replace(policy, device=torch.device("cuda")))
-    assert made["generation_kwargs"] == {"stop_token_ids": list(policy.stop_token_ids)}
+    assert made["generation_kwargs"] == {"stop_token_ids": list(stop_token_ids(policy.model, policy.tokenizer))}
     batch = generator.generate([*PROMPTS, Example("c", "5=")], n=1)
     assert batch.finish_reason == ["stop", "stop", "length"]
     assert batch.completion == ["42", "6", "66"]

@@ -31,6 +31,7 @@ from rewardlab.errors import UserError
 
 from rewardlab.config import schema
 from rewardlab.data.base import Example
+from rewardlab.policy import stop_token_ids
 from rewardlab.rollout import Batch
 
 
@@ -103,7 +104,7 @@ class HFGenerator:
         completion_ids: list[list[int]] = []
         logprobs: list[list[float]] = []
         finish: list[str] = []
-        stops = set(self.policy.stop_token_ids)
+        stops = set(stop_token_ids(model, tokenizer))
         was_training = model.training
         model.eval()
         per_chunk = max(1, self.batch_size // n)  # whole prompts per chunk (native prefills each prompt once)
@@ -137,7 +138,7 @@ class HFGenerator:
         `n` times, then decode one token per step for the rows that have not yet emitted a stop id."""
         tokenizer, model, device = self.policy.tokenizer, self.policy.model, self.policy.device
         pad = tokenizer.pad_token_id
-        stops = torch.tensor(self.policy.stop_token_ids, device=device)
+        stops = torch.tensor(stop_token_ids(model, tokenizer), device=device)
         width = max(map(len, prompts))
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in prompts], device=device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompts], device=device)
@@ -193,15 +194,16 @@ class HFGenerator:
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=device)
+        stops = stop_token_ids(model, tokenizer)
         recorder = None if greedy else _LogprobRecorder(sampling.temperature)
         kwargs = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             logits_processor=LogitsProcessorList([recorder]))
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_new_tokens,
-                             pad_token_id=pad, eos_token_id=list(self.policy.stop_token_ids), **kwargs)
+                             pad_token_id=pad, eos_token_id=list(stops), **kwargs)
         generated = out[:, width:]
         logps = recorder.finish(generated[:, -1]) if recorder is not None else None
-        is_eos = torch.isin(generated, torch.tensor(self.policy.stop_token_ids, device=generated.device))
+        is_eos = torch.isin(generated, torch.tensor(stops, device=generated.device))
         has_eos = is_eos.any(dim=1)
         lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, torch.full_like(has_eos, generated.shape[1], dtype=torch.long))
         tokens = generated.tolist()

@@ -16,6 +16,7 @@ from rewardlab.config import schema
 from rewardlab.data.base import Example
 from rewardlab.errors import UserError
 from rewardlab.generation.hf import Sampling, decode_completions
+from rewardlab.policy import stop_token_ids
 from rewardlab.rollout import Batch
 
 
@@ -50,7 +51,7 @@ class VLLMGenerator:
             model=policy.model, accelerator=Accelerator(), processing_class=policy.tokenizer, mode="colocate",
             gpu_memory_utilization=gpu_memory_utilization, max_model_length=max_model_length,
             enable_sleep_mode=sleep, max_completion_length=self.sampling.max_new_tokens,
-            generation_kwargs={"stop_token_ids": list(policy.stop_token_ids)})  # every EOS, as the HF backend
+            generation_kwargs={"stop_token_ids": list(stop_token_ids(policy.model, policy.tokenizer))})  # every EOS
 
     def sync(self, policy) -> None:
         """Load the policy's current weights (adapters merged) into the engine."""
@@ -73,7 +74,7 @@ class VLLMGenerator:
         engine.logprobs = None if greedy else 0
         _, completion_ids, logprobs, _ = engine.generate(prompts=row_ids, images=None, num_generations=n)
         completion_ids = [list(ids) for ids in completion_ids]
-        stops = set(self.policy.stop_token_ids)
+        stops = set(stop_token_ids(self.policy.model, self.policy.tokenizer))
         finish = ["stop" if ids and ids[-1] in stops else "length" for ids in completion_ids]
         return Batch(
             prompt_id=[ex.id for ex in rows], prompt=[ex.prompt for ex in rows],

@@ -60,11 +60,6 @@ class Policy:
         sharding.shard(self.model)
         self.sharding = sharding
 
-    @property
-    def stop_token_ids(self) -> tuple[int, ...]:
-        """Every token id that ends a completion (see `stop_token_ids`)."""
-        return stop_token_ids(self.model, self.tokenizer)
-
     @contextlib.contextmanager
     def full_weights(self, model: torch.nn.Module | None = None) -> Iterator[None]:
         """`model` (the policy's by default) with whole weights for no-grad passes: decoding, scoring,
