@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from rewardlab.algos import AlgoContext
 from rewardlab.algos.dpo import IterativeDPO, soft_label_loss
 from rewardlab.algos.pairs import kendall_tau
+from rewardlab.checkpoint import Checkpointer
+from rewardlab.data.base import Example, PromptSampler
 from rewardlab.errors import UserError
 from rewardlab.rewards.verifiable import VerifiableReward
 from rewardlab.rollout import Batch
@@ -161,9 +163,11 @@ def test_cream_ranks_with_the_previous_model_and_its_state_survives_a_checkpoint
     assert previous == pytest.approx((lp[1] - lp[0]).tolist(), abs=1e-4)  # M_1 against M_0, not M_2's ranking
     assert current != pytest.approx(previous, abs=1e-4)
 
-    torch.save(algo.state_dict(), tmp_path / "algo.pt")
+    sampler = PromptSampler([Example("x", "1=?\n")], seed=0)
+    Checkpointer(tmp_path).save(2, policy, algo, sampler)
+    policy = dataclasses.replace(policy, model=copy.deepcopy(models[0]))  # a new process: M_0 until restored
     resumed = IterativeDPO(AlgoContext(), pairs="cream", reference="previous", lr=1e-2, batch_size=2)
-    resumed.load_state_dict(torch.load(tmp_path / "algo.pt", weights_only=True), policy)
+    assert Checkpointer(tmp_path).restore(policy, resumed, sampler) == 2
     assert resumed.updates == 2 and len(resumed.snapshots) == 2
     assert resumed._implicit_rewards(policy, batch, before=True) == (
         pytest.approx(current, abs=1e-5), pytest.approx(previous, abs=1e-5))
