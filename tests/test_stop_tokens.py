@@ -64,7 +64,8 @@ def policy(model_dir):
 def test_stop_ids_are_the_union_of_tokenizer_and_generation_config(policy):
     tokenizer = policy.tokenizer
     second = tokenizer.convert_tokens_to_ids(";")
-    assert stop_token_ids(policy.model, policy.tokenizer) == (tokenizer.eos_token_id, second)  # tokenizer's first, no duplicate
+    # the tokenizer's first, then generation_config.json's, no duplicate
+    assert stop_token_ids(policy.model, policy.tokenizer) == (tokenizer.eos_token_id, second)
     policy.model.generation_config.eos_token_id = tokenizer.eos_token_id  # a single int, as many configs write it
     try:
         assert stop_token_ids(policy.model, tokenizer) == (tokenizer.eos_token_id,)
