@@ -122,6 +122,9 @@ class IterativeDPO:
         self.updates = int(state["updates"])
         self.anchors = copy.deepcopy(state.get("anchors", {}))
         self.snapshots = [dict(weights) for weights in state.get("snapshots", [])]
+        if self.keep and self.updates and not self.snapshots:
+            raise UserError(f"this checkpoint has no previous model weights, which algo.pairs={self.cfg.pairs} "
+                            f"ranks with (written by an older rewardlab); start a new run")
 
     # ---- references ------------------------------------------------------------------------------
     def _initial(self, policy) -> torch.nn.Module:
