@@ -218,10 +218,24 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
     return run_dir
 
 
+def evaluation_dataset(dataset: DictConfig) -> DictConfig:
+    """The data set for `rewardlab eval`: a lone `dataset.path` is the file to evaluate, every row of it
+    (training holds `test_size` rows out of it instead). Few-shot examples need a separate train file."""
+    if dataset.get("path") is None or dataset.get("test_path") is not None:
+        return dataset
+    if dataset.get("prompt", {}).get("few_shot", 0):
+        raise UserError("dataset.prompt.few_shot takes examples from a train split: give dataset.path=<train file> "
+                        "dataset.test_path=<file to evaluate>, or dataset.prompt.few_shot=0")
+    dataset = dataset.copy()
+    dataset.test_path, dataset.path = dataset.path, None
+    return dataset
+
+
 def evaluate_only(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """`rewardlab eval`: the policy's accuracy on the data set's test split, written to eval.json."""
+    """`rewardlab eval`: the policy's accuracy on the data set's test split, written to eval.json.
+    Only the test data is read (data/source.py reads a train split on first use)."""
     setup_torch(cfg.run)
-    task = instantiate(cfg.dataset)
+    task = instantiate(evaluation_dataset(cfg.dataset))
     policy = instantiate(cfg.policy, device=cfg.run.device, log=console.print)
     task.prepare(policy.tokenizer)
     generator = instantiate(cfg.generation, policy=policy)

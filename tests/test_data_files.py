@@ -127,8 +127,10 @@ def test_gsm8k_loads_from_the_hub_by_default(monkeypatch):
 
     monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
     task = prepared(GSM8KTask(hub_id="openai/gsm8k", subset="main", prompt=PLAIN))
-    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
     assert [e.answer for e in task.test_examples()] == ["18", "3"]
+    assert calls == [("openai/gsm8k", "main", "test")]  # evaluation alone reads no train split
+    assert len(task.train_examples()) == 4
+    assert calls == [("openai/gsm8k", "main", "test"), ("openai/gsm8k", "main", "train")]
 
 
 def test_math_uses_the_boxed_answer_of_the_solution_with_nested_braces():

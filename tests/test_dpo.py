@@ -1,5 +1,5 @@
 """Iterative DPO on the tiny policy: TRL training and its metrics, references, CREAM's soft label, and the
-state that must survive a checkpoint (anchored rejection's initial samples, CREAM's previous reference)."""
+state that must survive a checkpoint (anchored rejection's initial samples, CREAM's previous models)."""
 
 import copy
 import dataclasses
@@ -10,6 +10,9 @@ import torch.nn.functional as F
 
 from rewardlab.algos import AlgoContext
 from rewardlab.algos.dpo import IterativeDPO, soft_label_loss
+from rewardlab.algos.pairs import kendall_tau
+from rewardlab.checkpoint import Checkpointer
+from rewardlab.data.base import Example, PromptSampler
 from rewardlab.errors import UserError
 from rewardlab.rewards.verifiable import VerifiableReward
 from rewardlab.rollout import Batch
@@ -64,15 +67,17 @@ def test_no_pairs_skips_the_update(policy):
     assert torch.equal(before, params(policy.model))
 
 
-def test_previous_reference_is_the_model_that_sampled(policy):
+def test_previous_reference_is_the_model_that_sampled(policy, monkeypatch):
     algo = IterativeDPO(AlgoContext(), lr=1e-3, reference="previous")
+    references, train = [], algo._train
+    monkeypatch.setattr(algo, "_train", lambda policy, pairs, reference: references.append(params(reference))
+                        or train(policy, pairs, reference))
     batch = scored(make_batch(policy.tokenizer, {"2+3": ["#### 5", "#### 6"]}))
     before = params(policy.model)
     algo.update(policy, batch)
-    assert torch.equal(before, params(algo.last_reference))
     after_first = params(policy.model)
     algo.update(policy, batch)
-    assert torch.equal(after_first, params(algo.last_reference))
+    assert torch.equal(before, references[0]) and torch.equal(after_first, references[1])
 
 
 def test_soft_label_loss_is_lambda_mix_of_both_orientations():
@@ -127,17 +132,81 @@ def test_anchors_for_new_prompts_come_from_the_initial_model(policy):
     assert any(len(set(c)) > 1 for c in algo.anchors["1+4"]["completions"])
 
 
-def test_cream_previous_reference_survives_a_checkpoint(policy, tmp_path):
-    algo = IterativeDPO(AlgoContext(), pairs="cream", reference="previous", lr=1e-3, batch_size=2)
+def sequence_logps(model, policy, batch) -> torch.Tensor:
+    """Summed completion log-probs, computed here independently of the algorithm."""
+    from rewardlab.algos.losses import to_tensors, token_logprobs
+
+    t = to_tensors(batch, policy.tokenizer.pad_token_id, policy.device)
+    with torch.no_grad():
+        return (token_logprobs(model.eval(), t, slice(None), 1.0)[0] * t.completion_mask).sum(-1)
+
+
+def test_cream_ranks_with_the_previous_model_and_its_state_survives_a_checkpoint(policy, tmp_path):
+    algo = IterativeDPO(AlgoContext(), pairs="cream", reference="previous", lr=1e-2, batch_size=2)
     batch = scored(make_batch(policy.tokenizer, {"2+3": ["2+3=5\n#### 5", "2+3=6\n#### 6", "#### 7"],
                                                  "1+4": ["1+4=5\n#### 5", "#### 8", "1+4=8\n#### 8"]}))
-    first = algo.update(policy, batch)  # no previous ranking yet: plain DPO labels
+    models = [copy.deepcopy(policy.model)]  # M_0, then the model after each update
+    first = algo.update(policy, batch)  # no implicit reward yet: the run's reward ranks, plain DPO labels
     assert first["pairs/label_mean"] == 1.0 and first["pairs/cream_undefined"] == 2
-    implicit = algo._implicit_rewards(policy, batch)
-    torch.save(algo.state_dict(), tmp_path / "algo.pt")
-    resumed = IterativeDPO(AlgoContext(), pairs="cream", reference="previous", lr=1e-3, batch_size=2)
-    resumed.load_state_dict(torch.load(tmp_path / "algo.pt", weights_only=True), policy)
-    assert resumed._implicit_rewards(policy, batch) == pytest.approx(implicit, abs=1e-5)
-    second = resumed.update(policy, batch)
-    assert second["pairs/built"] == 2 and second["pairs/cream_undefined"] == 0
-    assert 0.0 <= second["pairs/label_mean"] <= 1.0 and "dpo/margins" in second
+    models.append(copy.deepcopy(policy.model))
+    lp = [sequence_logps(m, policy, batch) for m in models]
+    lengths = torch.tensor([len(c) for c in batch.completion_ids], dtype=lp[0].dtype)
+    current, previous = algo._implicit_rewards(policy, batch, before=True)
+    assert current == pytest.approx((lp[1] - lp[0]).tolist(), abs=1e-4)  # M_1 against its reference M_0
+    assert previous == pytest.approx((lp[0] / lengths).tolist(), abs=1e-4)  # M_0: mean token log-likelihood
+
+    algo.update(policy, batch)
+    models.append(copy.deepcopy(policy.model))
+    lp.append(sequence_logps(models[2], policy, batch))
+    current, previous = algo._implicit_rewards(policy, batch, before=True)
+    assert current == pytest.approx((lp[2] - lp[1]).tolist(), abs=1e-4)  # M_2 against M_1
+    assert previous == pytest.approx((lp[1] - lp[0]).tolist(), abs=1e-4)  # M_1 against M_0, not M_2's ranking
+    assert current != pytest.approx(previous, abs=1e-4)
+
+    sampler = PromptSampler([Example("x", "1=?\n")], seed=0)
+    Checkpointer(tmp_path).save(2, policy, algo, sampler)
+    policy = dataclasses.replace(policy, model=copy.deepcopy(models[0]))  # a new process: M_0 until restored
+    resumed = IterativeDPO(AlgoContext(), pairs="cream", reference="previous", lr=1e-2, batch_size=2)
+    assert Checkpointer(tmp_path).restore(policy, resumed, sampler) == 2
+    assert resumed.updates == 2 and len(resumed.snapshots) == 2
+    assert resumed._implicit_rewards(policy, batch, before=True) == (
+        pytest.approx(current, abs=1e-5), pytest.approx(previous, abs=1e-5))
+    pairs, _ = resumed.build_pairs(policy, batch)
+    groups = batch.groups()
+    for pair, rows in zip(pairs.pairs, groups.values()):
+        tau = kendall_tau([current[i] for i in rows], [previous[i] for i in rows])
+        assert pair.label == pytest.approx((tau + 1) / 2)
+        assert pair.chosen == batch.completion[max(rows, key=lambda i: current[i])]
+    third = resumed.update(policy, batch)
+    assert third["pairs/built"] == 2 and third["pairs/cream_undefined"] == 0 and "dpo/margins" in third
+
+
+def test_cream_keeps_only_the_lora_adapters(tiny_policy):  # tiny_policy: built and cached
+    from rewardlab.policy import load_policy
+
+    lora = load_policy(device="cpu", lora={"r": 4}, log=lambda *_: None)
+    algo = IterativeDPO(AlgoContext(), pairs="cream", lr=1e-2, batch_size=2)
+    algo._remember(lora)  # what an update keeps before it trains
+    (weights,) = algo.snapshots
+    assert weights and all("lora_" in name for name in weights)
+    with torch.no_grad():
+        for name, p in lora.model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)  # the policy moves on; the snapshot still holds its fresh (zero) B
+    restored = dict(algo._snapshot(lora, 1).named_parameters())
+    assert all(torch.equal(restored[name], value) for name, value in weights.items())
+
+
+def test_cream_self_labels_the_rewards_agreement_with_the_policys_own_implicit_reward(policy):
+    algo = IterativeDPO(AlgoContext(), pairs="cream_self", reference="previous", lr=1e-2, batch_size=2)
+    batch = scored(make_batch(policy.tokenizer, {"2+3": ["2+3=5\n#### 5", "2+3=6\n#### 6", "#### 7"],
+                                                 "1+4": ["1+4=5\n#### 5", "#### 8", "1+4=8\n#### 8"]}))
+    before = copy.deepcopy(policy.model)
+    algo.update(policy, batch)
+    assert len(algo.snapshots) == 1  # M_0: the reference of M_1's implicit reward
+    implicit = (sequence_logps(policy.model, policy, batch) - sequence_logps(before, policy, batch)).tolist()
+    pairs, _ = algo.build_pairs(policy, batch)
+    for pair, rows in zip(pairs.pairs, batch.groups().values()):
+        assert pair.chosen == batch.completion[rows[0]]  # the run's reward (correctness) ranks
+        tau = kendall_tau([batch.reward[i] for i in rows], [implicit[i] for i in rows])
+        assert pair.label == pytest.approx((tau + 1) / 2, abs=1e-4)

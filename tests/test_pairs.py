@@ -70,12 +70,21 @@ def test_cream_labels_follow_ranking_agreement():
                         "reverse": [("r1", 1.0), ("r2", 2.0), ("r3", 3.0)],
                         "flat": [("f1", 1.0), ("f2", 2.0)]})
     previous = [0.1, 0.2, 0.3, 0.3, 0.2, 0.1, 7.0, 7.0]
-    out = cream(batch, previous)
+    out = cream(batch, None, previous)  # cream_self: the run's reward ranks
     labels = {p.prompt_id: p.label for p in out.pairs}
     assert labels == {"agree": 1.0, "reverse": 0.0, "flat": 1.0}  # flat: agreement undefined -> plain DPO
     assert out.metrics()["pairs/cream_undefined"] == 1.0
-    first = cream(batch, None)  # no previous iteration yet
+    first = cream(batch, None, None)  # no previous model yet
     assert all(p.label == 1.0 for p in first.pairs) and first.undefined_agreement == 3
+
+
+def test_cream_pairs_follow_the_current_ranking_and_lambda_its_agreement_with_the_previous():
+    batch = make_batch({"g": [("y0", 0.0), ("y1", 5.0), ("y2", 1.0)]})  # the run's reward is not used
+    current, previous = [3.0, 1.0, 2.0], [2.0, 1.0, 3.0]
+    (pair,) = cream(batch, current, previous).pairs
+    assert (pair.chosen, pair.rejected, pair.chosen_reward, pair.rejected_reward) == ("y0", "y1", 3.0, 1.0)
+    # pairs (0,1) concordant, (0,2) discordant, (1,2) concordant: tau = (2 - 1) / 3, lambda = (tau + 1) / 2
+    assert pair.label == pytest.approx(2 / 3)
 
 
 def test_dno_keeps_pairs_the_direct_verdict_supports():

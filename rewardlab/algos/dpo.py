@@ -2,10 +2,17 @@
 and TRL's DPOTrainer trains on them. The reference is the initial model or the previous iteration's.
 
 What survives across iterations lives in `state_dict()` so a resumed run continues exactly: the number
-of updates, the initial model's samples per prompt (anchored rejection), and the previous update's
-reference weights (CREAM ranks a group with the previous update's implicit reward
-log pi(y)/pi_ref(y); with `reference=initial` that reference is reloaded instead of stored). SPIN needs
-nothing more: its opponent and reference is the model that sampled, i.e. the restored policy.
+of updates, the initial model's samples per prompt (anchored rejection), and the trainable weights (for LoRA,
+the adapters) of the models before the last updates (CREAM). SPIN needs nothing more: its opponent and
+reference is the model that sampled, i.e. the restored policy.
+
+CREAM (METHODS.md; Wang et al. 2025 and their released code): the samples of M_t (the policy now) are ranked
+by M_t's DPO implicit reward log pi_t(y)/pi_ref(y), against M_t's own reference, and by M_{t-1}'s (the
+model before the last update, against its reference); pairs come from M_t's ranking and lambda from the
+Kendall tau of the two. M_0 has no reference and ranks by its mean token log-likelihood, as the released
+code does; before the first update there is no implicit reward, so the run's reward ranks (CREAM's
+M_0 -> M_1 step is supervised). `cream_self` is a variant: pairs from the run's reward, lambda from its
+agreement with M_t's own implicit reward.
 CREAM's soft label (lambda * DPO(y+, y-) + (1 - lambda) * DPO(y-, y+)) is the one loss TRL cannot
 weight per pair; `SoftLabelDPOTrainer` derives it from TRL's own one-pair sigmoid loss.
 """
@@ -25,7 +32,8 @@ from rewardlab.config import schema
 from rewardlab.errors import UserError
 from rewardlab.rollout import Batch
 
-PAIR_BUILDERS = ("best_worst", "anchored_rejection", "spin", "cream", "dno")
+PAIR_BUILDERS = ("best_worst", "anchored_rejection", "spin", "cream", "cream_self", "dno")
+SOFT = ("cream", "cream_self")  # builders whose pairs carry a soft label
 
 
 @schema("algo", "dpo")
@@ -33,7 +41,7 @@ PAIR_BUILDERS = ("best_worst", "anchored_rejection", "spin", "cream", "dno")
 class DPOAlgoConfig:
     _target_: str = "rewardlab.algos.dpo.IterativeDPO"
     samples_per_prompt: int = 4
-    pairs: str = "best_worst"  # best_worst | anchored_rejection | spin | cream | dno
+    pairs: str = "best_worst"  # best_worst | anchored_rejection | spin | cream | cream_self | dno
     min_margin: float = 0.0  # skip pairs whose reward gap is below this (ties are always skipped)
     reference: str = "previous"  # previous (the model that sampled this iteration) | initial
     beta: float = 0.1
@@ -83,8 +91,8 @@ class IterativeDPO:
             raise UserError(f"algo.pairs={cfg.pairs!r} is not one of {', '.join(PAIR_BUILDERS)}")
         if cfg.reference not in ("previous", "initial"):
             raise UserError(f"algo.reference={cfg.reference!r} is not one of previous, initial")
-        if cfg.pairs == "cream" and list(cfg.loss_type) != ["sigmoid"]:
-            raise UserError("algo.pairs=cream softens the sigmoid DPO loss; set algo.loss_type=[sigmoid]")
+        if cfg.pairs in SOFT and list(cfg.loss_type) != ["sigmoid"]:
+            raise UserError(f"algo.pairs={cfg.pairs} softens the sigmoid DPO loss; set algo.loss_type=[sigmoid]")
         if cfg.pairs == "anchored_rejection" and self.context.reward is None:
             raise UserError("algo.pairs=anchored_rejection scores the initial model's samples and needs the run's reward")
         from trl import DPOConfig
@@ -97,22 +105,26 @@ class IterativeDPO:
         self.updates = 0
         self.anchors: dict[str, dict[str, Any]] = {}  # prompt_id -> the initial model's samples for it
         self.initial: torch.nn.Module | None = None  # frozen initial model (reloadable, never stored)
-        self.last_reference: torch.nn.Module | None = None  # the previous update's reference (CREAM)
+        # CREAM: trainable weights of the models before the last updates, newest last (M_{t-1}, then M_{t-2})
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+        previous = cfg.reference == "previous"
+        self.keep = {"cream": 2 if previous else 1, "cream_self": 1 if previous else 0}.get(cfg.pairs, 0)
+        self._scratch: torch.nn.Module | None = None  # a copy of the policy that snapshots are loaded into
 
     # ---- state carried across iterations (checkpointed) -----------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"updates": self.updates, "anchors": copy.deepcopy(self.anchors)}
-        if self.cfg.pairs == "cream" and self.cfg.reference == "previous" and self.last_reference is not None:
-            state["last_reference"] = {k: v.detach().cpu().clone() for k, v in self.last_reference.state_dict().items()}
+        if self.keep:
+            state["snapshots"] = [dict(weights) for weights in self.snapshots]
         return state
 
     def load_state_dict(self, state: dict[str, Any], policy) -> None:
         self.updates = int(state["updates"])
         self.anchors = copy.deepcopy(state.get("anchors", {}))
-        if "last_reference" in state:
-            model = policy.load_fresh()
-            model.load_state_dict(state["last_reference"])
-            self.last_reference = model.eval().requires_grad_(False)
+        self.snapshots = [dict(weights) for weights in state.get("snapshots", [])]
+        if self.keep and self.updates and not self.snapshots:
+            raise UserError(f"this checkpoint has no previous model weights, which algo.pairs={self.cfg.pairs} "
+                            f"ranks with (written by an older rewardlab); start a new run")
 
     # ---- references ------------------------------------------------------------------------------
     def _initial(self, policy) -> torch.nn.Module:
@@ -125,27 +137,55 @@ class IterativeDPO:
             return self._initial(policy)
         return copy.deepcopy(policy.model).eval().requires_grad_(False)
 
+    # ---- CREAM's rankings ------------------------------------------------------------------------
+    def _remember(self, policy) -> None:
+        """Keep the policy's trainable weights (for LoRA, the adapters) before an update changes them."""
+        weights = {name: p.detach().cpu().clone() for name, p in policy.model.named_parameters() if p.requires_grad}
+        self.snapshots = [*self.snapshots, weights][-self.keep:]
+
+    def _snapshot(self, policy, back: int) -> torch.nn.Module:
+        """The model `back` updates ago (1: M_{t-1}), loaded into a scratch copy of the policy."""
+        if self._scratch is None:
+            self._scratch = policy.load_fresh().eval().requires_grad_(False)
+        unexpected = self._scratch.load_state_dict(self.snapshots[-back], strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"CREAM snapshot does not fit the policy: {unexpected[:3]}")
+        return self._scratch
+
+    @staticmethod
+    def _sequence_logps(model: torch.nn.Module, t) -> torch.Tensor:
+        """The sum of completion-token log-probs per row under `model`."""
+        from rewardlab.algos.pg import token_logprobs
+
+        sums = []
+        for start in range(0, len(t.completion_mask), 64):
+            rows = slice(start, start + 64)
+            sums.append((token_logprobs(model, t, rows, 1.0)[0] * t.completion_mask[rows]).sum(-1))
+        return torch.cat(sums)
+
     @torch.no_grad()
-    def _implicit_rewards(self, policy, batch: Batch) -> list[float] | None:
-        """CREAM's previous ranking: log pi(y)/pi_ref(y) under the previous update's reference."""
-        from rewardlab.algos.pg import to_tensors, token_logprobs
+    def _implicit_rewards(self, policy, batch: Batch, before: bool) -> tuple[list[float] | None, list[float] | None]:
+        """(M_t's, M_{t-1}'s when `before`) DPO implicit rewards log pi(y)/pi_ref(y) of every row, each model
+        against its own reference (see the module docstring); (None, None) before the first update."""
+        from rewardlab.algos.pg import to_tensors
 
         if self.updates == 0:
-            return None
-        reference = self.last_reference if self.cfg.reference == "previous" else self._initial(policy)
-        if reference is None:
-            return None
+            return None, None
         t = to_tensors(batch, policy.tokenizer.pad_token_id, policy.device)
         was_training = policy.model.training
         policy.model.eval()
-        diff = []
-        for start in range(0, len(batch), 64):
-            rows = slice(start, start + 64)
-            mine = token_logprobs(policy.model, t, rows, 1.0)[0]
-            ref = token_logprobs(reference, t, rows, 1.0)[0]
-            diff.append(((mine - ref) * t.completion_mask[rows]).sum(-1))
+        logp = lambda model: self._sequence_logps(model, t)  # noqa: E731
+        initial = self.cfg.reference == "initial"
+        now = logp(policy.model)
+        last = logp(self._snapshot(policy, 1)) if (before or not initial) else None  # M_{t-1}
+        current = now - (logp(self._initial(policy)) if initial else last)
+        previous = None
+        if before and self.updates == 1:  # M_{t-1} is M_0, which has no reference
+            previous = last / t.completion_mask.sum(-1).clamp(min=1)
+        elif before:
+            previous = last - (logp(self._initial(policy)) if initial else logp(self._snapshot(policy, 2)))
         policy.model.train(was_training)
-        return torch.cat(diff).tolist()
+        return current.tolist(), None if previous is None else previous.tolist()
 
     # ---- anchored rejection ----------------------------------------------------------------------
     def _anchor_batch(self, policy, batch: Batch) -> tuple[Batch, dict[str, float]]:
@@ -196,7 +236,9 @@ class IterativeDPO:
         if cfg.pairs == "dno":
             return dno(batch, cfg.min_margin), {}
         if cfg.pairs == "cream":
-            return cream(batch, self._implicit_rewards(policy, batch), cfg.min_margin), {}
+            return cream(batch, *self._implicit_rewards(policy, batch, before=True), cfg.min_margin), {}
+        if cfg.pairs == "cream_self":
+            return cream(batch, None, self._implicit_rewards(policy, batch, before=False)[0], cfg.min_margin), {}
         anchors, extra = self._anchor_batch(policy, batch)
         return anchored_rejection(batch, anchors, cfg.min_margin), extra
 
@@ -206,9 +248,9 @@ class IterativeDPO:
         if not pairs.pairs:
             metrics["dpo/skipped_update"] = 1.0
             return metrics
-        reference = self._reference(policy)
-        metrics.update(self._train(policy, pairs, reference))
-        self.last_reference = reference
+        if self.keep:
+            self._remember(policy)
+        metrics.update(self._train(policy, pairs, self._reference(policy)))
         self.updates += 1
         return metrics
 
@@ -218,7 +260,7 @@ class IterativeDPO:
         from trl import DPOConfig
 
         cfg = self.cfg
-        soft = cfg.pairs == "cream"
+        soft = cfg.pairs in SOFT
         plain, soft_trainer, collator = _dpo_trainer_class()
         columns = {"prompt": [p.prompt for p in pairs.pairs], "chosen": [p.chosen for p in pairs.pairs],
                    "rejected": [p.rejected for p in pairs.pairs]}

@@ -53,14 +53,14 @@ class PairSet:
         return out
 
 
-def _scored(batch: Batch, rows: list[int]) -> list[int]:
-    return [i for i in rows if batch.reward[i] is not None and math.isfinite(batch.reward[i])]
+def _scored(scores: list, rows: list[int]) -> list[int]:
+    return [i for i in rows if scores[i] is not None and math.isfinite(scores[i])]
 
 
-def _extremes(batch: Batch, rows: list[int]) -> tuple[int, int]:
-    """The highest- and lowest-reward rows (first occurrence wins ties, so results are deterministic)."""
-    best = max(rows, key=lambda i: (batch.reward[i], -i))
-    worst = min(rows, key=lambda i: (batch.reward[i], i))
+def _extremes(scores: list, rows: list[int]) -> tuple[int, int]:
+    """The highest- and lowest-scored rows (first occurrence wins ties, so results are deterministic)."""
+    best = max(rows, key=lambda i: (scores[i], -i))
+    worst = min(rows, key=lambda i: (scores[i], i))
     return best, worst
 
 
@@ -72,21 +72,23 @@ def _gap_reason(chosen: float, rejected: float, min_margin: float) -> str | None
     return None
 
 
-def _pick(batch: Batch, rows: list[int], min_margin: float) -> tuple[int, int] | str:
-    """The (best, worst) rows of one group, or the reason the group gives no pair."""
-    rows = _scored(batch, rows)
+def _pick(batch: Batch, rows: list[int], min_margin: float, scores: list | None = None) -> tuple[int, int] | str:
+    """The (best, worst) rows of one group by `scores` (the reward by default), or why the group gives no pair."""
+    scores = batch.reward if scores is None else scores
+    rows = _scored(scores, rows)
     if len(rows) < 2:
         return "too_few_scored"
-    best, worst = _extremes(batch, rows)
-    reason = _gap_reason(batch.reward[best], batch.reward[worst], min_margin)
+    best, worst = _extremes(scores, rows)
+    reason = _gap_reason(scores[best], scores[worst], min_margin)
     if reason is None and batch.completion[best] == batch.completion[worst]:
         reason = "identical"
     return reason or (best, worst)
 
 
-def _pair(batch: Batch, best: int, worst: int) -> Pair:
+def _pair(batch: Batch, best: int, worst: int, scores: list | None = None) -> Pair:
+    scores = batch.reward if scores is None else scores
     return Pair(batch.prompt_id[best], batch.prompt[best], batch.completion[best], batch.completion[worst],
-                batch.reward[best], batch.reward[worst])
+                scores[best], scores[worst])
 
 
 def best_worst(batch: Batch, min_margin: float = 0.0) -> PairSet:
@@ -107,13 +109,13 @@ def anchored_rejection(batch: Batch, anchors: Batch, min_margin: float = 0.0) ->
     out = PairSet()
     anchor_groups = anchors.groups()
     for pid, rows in batch.groups().items():
-        rows = _scored(batch, rows)
-        anchor_rows = _scored(anchors, anchor_groups.get(pid, []))
+        rows = _scored(batch.reward, rows)
+        anchor_rows = _scored(anchors.reward, anchor_groups.get(pid, []))
         if not rows or not anchor_rows:
             out.skipped["no_anchor" if rows else "too_few_scored"] += 1
             continue
-        best, _ = _extremes(batch, rows)
-        _, worst = _extremes(anchors, anchor_rows)
+        best, _ = _extremes(batch.reward, rows)
+        _, worst = _extremes(anchors.reward, anchor_rows)
         reason = _gap_reason(batch.reward[best], anchors.reward[worst], min_margin)
         if reason is None and batch.completion[best] == anchors.completion[worst]:
             reason = "identical"
@@ -163,19 +165,22 @@ def kendall_tau(x: list[float], y: list[float]) -> float:
     return (concordant - discordant) / denominator if denominator else float("nan")
 
 
-def cream(batch: Batch, previous: list[float] | None, min_margin: float = 0.0) -> PairSet:
-    """CREAM: best-vs-worst pairs labelled lambda = (tau + 1) / 2, tau the Kendall agreement between this
-    iteration's ranking of the group (`batch.reward`) and the previous iteration's (`previous`, one score
-    per row). Undefined agreement (a constant ranking, or no previous iteration) leaves lambda = 1."""
+def cream(batch: Batch, current: list[float] | None, previous: list[float] | None,
+          min_margin: float = 0.0) -> PairSet:
+    """CREAM: the best and worst rows of each group under `current` (the model's own ranking, one score per
+    row; the run's reward when None) labelled lambda = (tau + 1) / 2, tau the Kendall agreement of `current`
+    and `previous` (the previous model's scores) over the group. Undefined agreement (a constant ranking, or
+    no previous model) leaves lambda = 1. Pair rewards are the `current` scores."""
+    scores = batch.reward if current is None else current
     out = PairSet(undefined_agreement=0)
     for rows in batch.groups().values():
-        picked = _pick(batch, rows, min_margin)
+        picked = _pick(batch, rows, min_margin, scores)
         if isinstance(picked, str):
             out.skipped[picked] += 1
             continue
-        pair = _pair(batch, *picked)
-        scored = _scored(batch, rows)
-        tau = float("nan") if previous is None else kendall_tau([batch.reward[i] for i in scored],
+        pair = _pair(batch, *picked, scores)
+        scored = _scored(scores, rows)
+        tau = float("nan") if previous is None else kendall_tau([scores[i] for i in scored],
                                                                 [previous[i] for i in scored])
         if math.isnan(tau):
             out.undefined_agreement += 1

@@ -3,6 +3,7 @@
 Every loaded data set (gsm8k, math, jsonl, hf) shares these settings: the hub by default
 (`dataset.hub_id`, `subset`, splits), or local files in the same schema with `dataset.path=...`
 (and `dataset.test_path=...`, else `test_size` rows of the train file are held out, seeded).
+`rewardlab eval` reads only the test data: `dataset.test_path`, or every row of a lone `dataset.path`.
 Questions are kept raw until `prepare(tokenizer)` formats them with the data set's `PromptTemplate`.
 """
 
@@ -39,7 +40,12 @@ class SourceConfig:
 
 
 class LoadedTask(Task):
-    """Rows from the hub or local files turned into `Example`s; subclasses say how one row reads."""
+    """Rows from the hub or local files turned into `Example`s; subclasses say how one row reads.
+
+    The train split is read on first use (training, or few-shot examples), so evaluating on a test file or
+    split alone never reads it, and never contacts the hub when the test data is local; only a test split
+    held out of the train file needs the train split at once.
+    """
 
     name = "data"  # prefix of example ids
 
@@ -52,14 +58,16 @@ class LoadedTask(Task):
         self.max_new_tokens, self.answer_format = max_new_tokens, answer_format
         settings = prompt if isinstance(prompt, PromptConfig) else PromptConfig(**(prompt or {}))
         self.template = PromptTemplate(settings.chat, settings.system, settings.instruction, settings.few_shot)
-        rng = random.Random(seed)
-        train, test = self._load(hub_id, subset, train_split, test_split, path, test_path)
-        if test is None:
-            train, test = self._hold_out(train, test_size, rng)
-        self._raw_test = test
-        self._shots = self._take_shots(train, rng)
-        shot_ids = {e.id for e in self._shots}
-        self._raw_train = [e for e in train if e.id not in shot_ids]
+        self.hub_id, self.subset, self.train_split, self.test_split = hub_id, subset, train_split, test_split
+        self.path, self.test_path = path, test_path
+        self._rng = random.Random(seed)
+        self._whole_train: list[Example] | None = None  # the train split before few-shot examples are taken out
+        self._raw_test = self._read_test()
+        if self._raw_test is None:  # held out of the train split, which must be read now
+            self._whole_train, self._raw_test = self._hold_out(self._read_train(), test_size, self._rng)
+        self._shots: list[Example] | None = None
+        self._raw_train: list[Example] | None = None
+        self._tokenizer: Any = None
         self._train: list[Example] | None = None
         self._test: list[Example] | None = None
 
@@ -70,20 +78,35 @@ class LoadedTask(Task):
     def _examples(self, rows: list[Row], split: str) -> list[Example]:
         return [self.example(row, f"{self.name}-{split}-{i}") for i, row in enumerate(rows)]
 
-    def _load(self, hub_id, subset, train_split, test_split, path, test_path):
-        """(train, test) examples; test is None when it must be held out of train."""
-        if path is not None:
-            train = self._examples(read_rows(path, "dataset.path"), "train")
-        elif hub_id is not None:
-            train = self._examples(hub_rows(hub_id, subset, train_split), "train")
-        else:
-            raise UserError(f"dataset={self.name} needs dataset.hub_id=<hub id or data directory> "
-                            f"or dataset.path=<local .jsonl/.json/.parquet file>")
-        if test_path is not None:
-            return train, self._examples(read_rows(test_path, "dataset.test_path"), "test")
-        if path is None and test_split:
-            return train, self._examples(hub_rows(hub_id, subset, test_split), "test")
-        return train, None
+    def _no_source(self) -> UserError:
+        return UserError(f"dataset={self.name} needs dataset.hub_id=<hub id or data directory> "
+                         f"or dataset.path=<local .jsonl/.json/.parquet file>")
+
+    def _read_test(self) -> list[Example] | None:
+        """The test split from its own file or hub split; None when it is held out of the train file."""
+        if self.test_path is not None:
+            return self._examples(read_rows(self.test_path, "dataset.test_path"), "test")
+        if self.path is not None or not self.test_split:
+            return None
+        if self.hub_id is None:
+            raise self._no_source()
+        return self._examples(hub_rows(self.hub_id, self.subset, self.test_split), "test")
+
+    def _read_train(self) -> list[Example]:
+        if self.path is not None:
+            return self._examples(read_rows(self.path, "dataset.path"), "train")
+        if self.hub_id is None:
+            raise self._no_source()
+        return self._examples(hub_rows(self.hub_id, self.subset, self.train_split), "train")
+
+    def _training(self) -> tuple[list[Example], list[Example]]:
+        """(few-shot examples, the train examples left), reading the train split on first use."""
+        if self._shots is None:
+            train = self._whole_train if self._whole_train is not None else self._read_train()
+            self._shots = self._take_shots(train, self._rng)
+            shot_ids = {e.id for e in self._shots}
+            self._raw_train = [e for e in train if e.id not in shot_ids]
+        return self._shots, self._raw_train
 
     @staticmethod
     def _hold_out(train: list[Example], test_size: int, rng: random.Random) -> tuple[list[Example], list[Example]]:
@@ -109,14 +132,15 @@ class LoadedTask(Task):
         return shots
 
     def prepare(self, tokenizer: Any) -> None:
-        """Format every prompt with the template and the policy's tokenizer, keeping the raw question and the
-        conversation beside it (rewards render those with their own templates)."""
-        shots = [(e.prompt, e.solution) for e in self._shots]
-        self._train = [self._render(e, shots, tokenizer) for e in self._raw_train]
-        self._test = [self._render(e, shots, tokenizer) for e in self._raw_test]
+        """Format the test prompts with the template and the policy's tokenizer (train prompts on first use),
+        keeping the raw question and the conversation beside each (rewards render those with their own templates)."""
+        self._tokenizer = tokenizer
+        self._train = None
+        self._test = [self._format(e) for e in self._raw_test]
 
-    def _render(self, example: Example, shots: list[tuple[str, str]], tokenizer: Any) -> Example:
+    def _format(self, example: Example) -> Example:
         """A raw example (`prompt` = the question, `messages` = a conversation given by the data) rendered."""
+        shots = [(e.prompt, e.solution) for e in self._training()[0]] if self.template.few_shot else []
         question = example.prompt
         if example.messages is not None:
             if not self.template.chat:
@@ -125,11 +149,13 @@ class LoadedTask(Task):
             messages = example.messages
         else:
             messages = self.template.messages(question, shots) if self.template.chat else None
-        prompt = (self.template.render(messages, tokenizer) if messages is not None
-                  else self.template.format(question, shots, tokenizer))
+        prompt = (self.template.render(messages, self._tokenizer) if messages is not None
+                  else self.template.format(question, shots, self._tokenizer))
         return replace(example, prompt=prompt, question=question, messages=messages)
 
     def train_examples(self) -> Sequence[Example]:
+        if self._tokenizer is not None and self._train is None:
+            self._train = [self._format(e) for e in self._training()[1]]
         return self._formatted(self._train)
 
     def test_examples(self) -> Sequence[Example]:

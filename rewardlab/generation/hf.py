@@ -1,4 +1,7 @@
-"""The transformers backend: batched decoding with the policy's own model, left padding, stopping at EOS.
+"""The transformers backend: batched decoding with the policy's own model, left padding, stopping at EOS:
+any of the policy's stop ids (the tokenizer's EOS and every EOS of the model's generation_config.json).
+A completion that stops keeps its stop token in `completion_ids` (its log-prob is trained) and drops it
+from the decoded text.
 
 Two engines (`generation.engine`). `native` (the default) is a KV-cache decode loop over the model's
 forward: each distinct prompt is prefilled once and its cache repeated for its `n` samples, and rows
@@ -28,6 +31,7 @@ from rewardlab.errors import UserError
 
 from rewardlab.config import schema
 from rewardlab.data.base import Example
+from rewardlab.policy import stop_token_ids
 from rewardlab.rollout import Batch
 
 
@@ -47,6 +51,12 @@ class HFConfig:
     sampling: Sampling = field(default_factory=Sampling)
 
 ENGINES = ("native", "generate")
+
+
+def decode_completions(tokenizer, completion_ids: list[list[int]], finish_reason: list[str]) -> list[str]:
+    """The completions' text without their stop token (some chat models' EOS ids are not special tokens)."""
+    kept = [ids[:-1] if reason == "stop" else ids for ids, reason in zip(completion_ids, finish_reason)]
+    return tokenizer.batch_decode(kept, skip_special_tokens=True)
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -94,6 +104,7 @@ class HFGenerator:
         completion_ids: list[list[int]] = []
         logprobs: list[list[float]] = []
         finish: list[str] = []
+        stops = set(stop_token_ids(model, tokenizer))
         was_training = model.training
         model.eval()
         per_chunk = max(1, self.batch_size // n)  # whole prompts per chunk (native prefills each prompt once)
@@ -106,9 +117,9 @@ class HFGenerator:
             for row_tokens, row_logps in zip(ids, logps):
                 completion_ids.append(row_tokens)
                 logprobs.append(row_logps)
-                finish.append("stop" if row_tokens and row_tokens[-1] == tokenizer.eos_token_id else "length")
+                finish.append("stop" if row_tokens and row_tokens[-1] in stops else "length")
         model.train(was_training)
-        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        texts = decode_completions(tokenizer, completion_ids, finish)
         return Batch(
             prompt_id=[ex.id for ex in rows], prompt=[ex.prompt for ex in rows], completion=texts,
             prompt_ids=row_ids, completion_ids=completion_ids, finish_reason=finish,
@@ -125,9 +136,10 @@ class HFGenerator:
 
     def _decode_chunk(self, prompts: list[list[int]], n: int, sampling: Sampling, greedy: bool):
         """`n` completions for each of `prompts` (token ids): prefill once per prompt, repeat the cache
-        `n` times, then decode one token per step for the rows that have not yet emitted EOS."""
+        `n` times, then decode one token per step for the rows that have not yet emitted a stop id."""
         tokenizer, model, device = self.policy.tokenizer, self.policy.model, self.policy.device
-        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        stops = torch.tensor(stop_token_ids(model, tokenizer), device=device)
         width = max(map(len, prompts))
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in prompts], device=device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompts], device=device)
@@ -160,7 +172,7 @@ class HFGenerator:
                 logps[active, step] = torch.log_softmax(scaled, dim=-1).gather(1, chosen[:, None]).squeeze(1)
             tokens[active, step] = chosen
             lengths[active] += 1
-            going = chosen != eos
+            going = ~torch.isin(chosen, stops)
             if step == max_new - 1 or not bool(going.any()):
                 break
             if not bool(going.all()):  # finished rows leave the batch and the cache
@@ -183,16 +195,16 @@ class HFGenerator:
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=device)
+        stops = stop_token_ids(model, tokenizer)
         recorder = None if greedy else _LogprobRecorder(sampling.temperature)
         kwargs = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             logits_processor=LogitsProcessorList([recorder]))
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_new_tokens,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
+                             pad_token_id=pad, eos_token_id=list(stops), **kwargs)
         generated = out[:, width:]
         logps = recorder.finish(generated[:, -1]) if recorder is not None else None
-        eos = tokenizer.eos_token_id
-        is_eos = generated == eos
+        is_eos = torch.isin(generated, torch.tensor(stops, device=generated.device))
         has_eos = is_eos.any(dim=1)
         lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, torch.full_like(has_eos, generated.shape[1], dtype=torch.long))
         tokens = generated.tolist()

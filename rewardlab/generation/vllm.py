@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 from rewardlab.config import schema
 from rewardlab.data.base import Example
 from rewardlab.errors import UserError
-from rewardlab.generation.hf import Sampling
+from rewardlab.generation.hf import Sampling, decode_completions
+from rewardlab.policy import stop_token_ids
 from rewardlab.rollout import Batch
 
 
@@ -49,7 +50,8 @@ class VLLMGenerator:
         self.engine = VLLMGeneration(
             model=policy.model, accelerator=Accelerator(), processing_class=policy.tokenizer, mode="colocate",
             gpu_memory_utilization=gpu_memory_utilization, max_model_length=max_model_length,
-            enable_sleep_mode=sleep, max_completion_length=self.sampling.max_new_tokens)
+            enable_sleep_mode=sleep, max_completion_length=self.sampling.max_new_tokens,
+            generation_kwargs={"stop_token_ids": list(stop_token_ids(policy.model, policy.tokenizer))})  # every EOS
 
     def sync(self, policy) -> None:
         """Load the policy's current weights (adapters merged) into the engine."""
@@ -72,12 +74,12 @@ class VLLMGenerator:
         engine.logprobs = None if greedy else 0
         _, completion_ids, logprobs, _ = engine.generate(prompts=row_ids, images=None, num_generations=n)
         completion_ids = [list(ids) for ids in completion_ids]
-        eos = tokenizer.eos_token_id
+        stops = set(stop_token_ids(self.policy.model, self.policy.tokenizer))
+        finish = ["stop" if ids and ids[-1] in stops else "length" for ids in completion_ids]
         return Batch(
             prompt_id=[ex.id for ex in rows], prompt=[ex.prompt for ex in rows],
-            completion=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-            prompt_ids=row_ids, completion_ids=completion_ids,
-            finish_reason=["stop" if ids and ids[-1] == eos else "length" for ids in completion_ids],
+            completion=decode_completions(tokenizer, completion_ids, finish),
+            prompt_ids=row_ids, completion_ids=completion_ids, finish_reason=finish,
             reference=[ex.answer for ex in rows], solution=[ex.solution for ex in rows],
             question=[ex.question for ex in rows], messages=[ex.messages for ex in rows],
             sample_logprobs=None if greedy else [[float(lp[0]) for lp in row] for row in logprobs],

@@ -83,6 +83,14 @@ class Policy:
         yield self._reference
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> tuple[int, ...]:
+    """The tokenizer's EOS, then each EOS id of the model's generation_config.json, once each: chat models
+    end a turn with several (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>; Llama-3.1-Instruct: three)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return tuple(dict.fromkeys(int(i) for i in [tokenizer.eos_token_id, *listed] if i is not None))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
