@@ -36,7 +36,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 def latest(run_dir: Path) -> str:
     marker = run_dir / "checkpoints" / "latest"
-    return marker.read_text().strip() if marker.exists() else ""
+    return Path(os.readlink(marker)).parent.name if marker.is_symlink() else ""
 
 
 def start_and_wait(cmd: list[str], run_dir: Path, checkpoint: str, env: dict) -> subprocess.Popen:
