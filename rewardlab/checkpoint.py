@@ -160,6 +160,9 @@ class Checkpointer:
         marker = self.root / "latest"
         if marker.is_symlink():
             path = self.root / Path(os.readlink(marker)).parent
+        elif marker.is_dir():  # a copy of the run that followed the link: the newest complete checkpoint
+            complete = [p for _, p in self._all() if (p / STATE).exists()]
+            path = complete[-1] if complete else marker
         elif marker.exists():  # written by an earlier rewardlab: the directory's name as text
             path = self.root / marker.read_text().strip()
         else:
