@@ -9,8 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,7 +174,8 @@ def test_wandb_settings_left_unset_defer_to_the_environment_and_sweeps_group_job
     assert WandbLogger().init_kwargs(tmp_path, {}, "n", None)["project"] == "rewardlab"
     monkeypatch.setenv("WANDB_PROJECT", "mine")
     kwargs = WandbLogger().init_kwargs(tmp_path, {}, "lr=0.1", "multirun/x")
-    assert (kwargs["project"], kwargs["entity"], kwargs["name"], kwargs["group"]) == ("mine", None, "lr=0.1", "multirun/x")
+    chosen = (kwargs["project"], kwargs["entity"], kwargs["name"], kwargs["group"])
+    assert chosen == ("mine", None, "lr=0.1", "multirun/x")
     assert WandbLogger(project="set", group="g").init_kwargs(tmp_path, {}, "n", "multirun/x")["group"] == "g"
     again = WandbLogger().init_kwargs(tmp_path, {}, "n", None)
     assert again["id"] == kwargs["id"] and again["resume"] == "allow"  # one W&B run per run directory
