@@ -79,7 +79,8 @@ def _tokenizer_source(policy_cfg: DictConfig) -> str:
     if policy_cfg.get("hub_id"):
         return policy_cfg.hub_id
     if policy_cfg.get("name", "tiny") == "tiny":
-        return str(ensure_tiny(TinyBuild(**OmegaConf.to_container(policy_cfg.get("tiny") or {}))))
+        tiny = policy_cfg.get("tiny")
+        return str(ensure_tiny(TinyBuild(**(OmegaConf.to_container(tiny) if tiny is not None else {}))))
     raise UserError(f"policy {policy_cfg.name!r} needs policy.hub_id=<hub model id> or "
                     f"policy.path=<local model directory>")
 
