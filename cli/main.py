@@ -62,7 +62,7 @@ def _hydra(config_name: str, args: list[str], task: Callable) -> None:
 def _train_task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from rewardlab.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from rewardlab.preemption import Preempted
     from rewardlab.run import train as run_train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -70,8 +70,12 @@ def _train_task(cfg) -> None:
         with user_errors():
             run_train(cfg, run_dir)
     except Preempted as exc:
-        typer.echo(f"preempted: {exc}; resume with the same command or `rewardlab train resume={run_dir}`", err=True)
-        raise SystemExit(PREEMPTED_EXIT_CODE) from None
+        if (run_dir / "config.yaml").exists():
+            typer.echo(f"stopped: {exc}; the last checkpoint is intact, resume with the same command or "
+                       f"`rewardlab train resume={run_dir}`", err=True)
+        else:
+            typer.echo(f"stopped: {exc} before the run started; nothing to resume", err=True)
+        raise SystemExit(exc.exit_code) from None
     if os.environ.get("RANK", "0") == "0":  # once under torchrun / accelerate launch
         typer.echo(f"run dir: {run_dir}")
 
@@ -98,7 +102,8 @@ def train(ctx: typer.Context) -> None:
     `--cfg job`, choose directories with `hydra.run.dir=...` / `hydra.sweep.dir=...`, and a launcher with
     `hydra/launcher=submitit_local`. `rewardlab configs` lists the choices. The last line printed is
     `run dir: <path>`: metrics.jsonl, summary.json, config.yaml, rollouts/ and checkpoints/ are there.
-    `rewardlab train resume=<run dir>` continues a run; on SIGTERM it exits with code 75, resumable.
+    `rewardlab train resume=<run dir>` continues a run (`run.iterations=N` extends it); on SIGTERM it exits
+    with code 75, on SIGINT (Ctrl-C) with 130, both resumable. A finished run's model is in `<run dir>/final/`.
     """
     from rewardlab.checkpoint import resume_args
     from rewardlab.distributed import run_dir_overrides
@@ -158,6 +163,19 @@ def sweep_summary(path: Path = typer.Argument(..., help="the multirun dir of a `
 
     with user_errors():
         typer.echo(write_sweep_summary(path).read_text())
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="a run directory (its final/ or latest checkpoint)"),
+           out: Path = typer.Option(..., "--out", help="the directory to write the model to"),
+           merge_lora: bool = typer.Option(False, "--merge-lora", help="merge a LoRA run's adapters into its base")
+           ) -> None:
+    """Write a run's model as a plain `from_pretrained` directory (weights and tokenizer):
+    `rewardlab export runs/2026-11-25/10-00-00 --out my-model [--merge-lora]`."""
+    from rewardlab.export import export_model
+
+    with user_errors():
+        typer.echo(f"exported: {export_model(run_dir, out, merge_lora)}")
 
 
 @app.command()

@@ -9,10 +9,12 @@ Layout under the run directory:
                                     every rank (rank 0 writes; ranks hold the same weights;
                                     under FSDP weights and optimizer state are gathered whole
                                     first, so a checkpoint does not depend on the sharding)
-    checkpoints/latest              the name of the newest complete checkpoint, written last
+    checkpoints/latest              a symlink to the newest complete checkpoint's `policy/` (so
+                                    `from_pretrained("<run dir>/checkpoints/latest")` loads it), written last
+    final/                          after a run completes: a copy of the last checkpoint's `policy/`
 A checkpoint is built in a temporary directory, synced, renamed into place, and only then named by
-`latest` (itself replaced atomically), so a crash or a full disk at any moment leaves the previous
-checkpoint intact. The weights go through transformers/peft `save_pretrained`; the rest of the loop
+`latest` (a new symlink renamed over the old one), so a crash or a full disk at any moment leaves the
+previous checkpoint intact. The weights go through transformers/peft `save_pretrained`; the rest of the loop
 state (sampler, algorithm carry-over, RNGs) is ours, so the container around it is written here.
 """
 
@@ -36,7 +38,6 @@ from omegaconf import DictConfig, OmegaConf
 from rewardlab import distributed
 from rewardlab.distributed import Dist
 from rewardlab.errors import UserError
-from rewardlab.io import write_text_atomic
 from rewardlab.sharding import full_model_state
 
 FORMAT = 1
@@ -119,6 +120,23 @@ def _disk_full(exc: BaseException, where: Path) -> bool:
     return shutil.disk_usage(where).free < 1 << 20
 
 
+def _point_latest(root: Path, name: str) -> None:
+    """Make `root/latest` a relative symlink to `name/policy`, replacing the old one atomically."""
+    tmp = root / ".latest.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(os.path.join(name, "policy"), tmp)
+    os.replace(tmp, root / "latest")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """Hard-link a file (no second copy of the weights on disk), or copy it where links are not possible."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 class Checkpointer:
     """Saves and restores the loop state under `<run_dir>/checkpoints`, keeping the newest `keep`."""
 
@@ -140,9 +158,15 @@ class Checkpointer:
     def latest(self) -> Path | None:
         """The newest complete checkpoint (named by `latest`), or None before the first one."""
         marker = self.root / "latest"
-        if not marker.exists():
+        if marker.is_symlink():
+            path = self.root / Path(os.readlink(marker)).parent
+        elif marker.is_dir():  # a copy of the run that followed the link: the newest complete checkpoint
+            complete = [p for _, p in self._all() if (p / STATE).exists()]
+            path = complete[-1] if complete else marker
+        elif marker.exists():  # written by an earlier rewardlab: the directory's name as text
+            path = self.root / marker.read_text().strip()
+        else:
             return None
-        path = self.root / marker.read_text().strip()
         if not (path / STATE).exists():
             raise UserError(f"{marker} names {path}, which is missing or incomplete; point {marker} at an "
                             f"older checkpoint directory there, or start a new run")
@@ -180,7 +204,7 @@ class Checkpointer:
             if final.exists():  # written by an attempt that died before `latest` named it
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            write_text_atomic(self.root / "latest", final.name + "\n")
+            _point_latest(self.root, final.name)
         except Exception as exc:
             full = _disk_full(exc, self.root)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -191,6 +215,26 @@ class Checkpointer:
             raise UserError(f"no space left on the device writing checkpoint {final} ({kept}); free space, "
                             f"then resume with `rewardlab train resume={self.run_dir}`") from exc
         self._prune(iteration)
+        return final
+
+    def write_final(self) -> Path | None:
+        """`<run dir>/final/`: the newest checkpoint's model directory (weights or LoRA adapters, and the
+        tokenizer), a plain `from_pretrained` directory that outlives checkpoint rotation. Rank 0 writes."""
+        latest = self.latest()
+        if not self.dist.is_main or latest is None:
+            return None
+        final, tmp = self.run_dir / "final", self.run_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(latest / "policy", tmp, copy_function=_link_or_copy)
+        _fsync_tree(tmp)
+        if final.exists():  # an extended run replaces its earlier final model
+            old = self.run_dir / ".old-final"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
         return final
 
     def _prune(self, latest: int) -> None:
@@ -254,36 +298,54 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _extend(saved: DictConfig, iterations: int, run_dir: Path) -> DictConfig:
+    """The run's own config with `run.iterations` raised to `iterations` (never lowered)."""
+    before = saved.run.iterations
+    if iterations < before:
+        raise UserError(f"run.iterations={iterations} is fewer than the {before} iterations {run_dir} was "
+                        f"run for; a run can only be extended (give a larger run.iterations)")
+    if iterations > before:
+        saved.run.iterations = iterations
+    return saved
+
+
 def resume_target(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path]:
     """The config and directory to run: `resume=<dir>` continues that run with its own config; a rerun
-    into a directory that has a checkpoint (a SLURM requeue) continues it if the config is the same."""
+    into a directory that has a checkpoint (a SLURM requeue) continues it if the config is the same.
+    Either may raise `run.iterations` to extend the run; any other difference is refused."""
     if cfg.get("resume"):
         run_dir = Path(cfg.resume)
-        return saved_config(run_dir), run_dir
+        return _extend(saved_config(run_dir), cfg.run.iterations, run_dir), run_dir
     if Checkpointer(run_dir).latest() is not None:
-        changed = _differences(_plain(saved_config(run_dir)), _plain(cfg))
+        saved = saved_config(run_dir)
+        changed = [k for k in _differences(_plain(saved), _plain(cfg)) if k != "run.iterations"]
         if changed:
             raise UserError(f"{run_dir} holds a run with a different config ({', '.join(changed[:5])}); "
                             f"continue it with `rewardlab train resume={run_dir}`, or choose a new hydra.run.dir")
+        _extend(saved, cfg.run.iterations, run_dir)  # refuses a smaller run.iterations
     return cfg, run_dir
 
 
 def resume_args(args: list[str]) -> list[str]:
     """Command-line arguments for `rewardlab train`: with `resume=<dir>`, Hydra runs in that directory
-    and writes no new .hydra/ record there; other config overrides are refused (the run's own config
-    is used), Hydra's own (`hydra.*`, `hydra/launcher=...`) pass."""
+    and writes no new .hydra/ record there; `run.iterations=N` may extend the run (without it the run's
+    own value is passed on), other config overrides are refused (the run's own config is used), Hydra's
+    own (`hydra.*`, `hydra/launcher=...`) pass."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     found = [a for a in args if a.startswith("resume=")]
     if not found:
         return args
     run_dir = str(OverridesParser.create().parse_overrides(found[-1:])[0].value())
-    saved_config(Path(run_dir))
-    others = [a for a in args if "=" in a and not a.startswith(("-", "resume=", "hydra.", "hydra/", "+hydra"))]
+    saved = saved_config(Path(run_dir))
+    settings = [a for a in args if "=" in a and not a.startswith(("-", "resume=", "hydra.", "hydra/", "+hydra"))]
+    others = [a for a in settings if not a.startswith("run.iterations=")]
     if others:
-        raise UserError(f"resume={run_dir} continues the run with its own config.yaml; drop {' '.join(others)} "
-                        f"or start a new run")
+        raise UserError(f"resume={run_dir} continues the run with its own config.yaml (only run.iterations may "
+                        f"change, to extend it); drop {' '.join(others)} or start a new run")
     if any(a.startswith("hydra.run.dir=") for a in args):
         raise UserError(f"resume={run_dir} already sets the run directory; drop hydra.run.dir")
+    if len(settings) == len(others):  # no run.iterations given: the run's own horizon
+        args = [*args, f"run.iterations={saved.run.iterations}"]
     quoted = run_dir.replace("\\", "\\\\").replace("'", "\\'")
     return [*args, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null"]

@@ -8,6 +8,7 @@ Iteration 0 evaluates the starting policy; iterations 1..run.iterations each sam
 from __future__ import annotations
 
 import random
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rewardlab import distributed, sharding
+from rewardlab import distributed, provenance, sharding
 from rewardlab.algos import AlgoContext
 from rewardlab.checkpoint import Checkpointer, resume_target
 from rewardlab.data.base import PromptSampler
@@ -80,22 +81,53 @@ def mark_kept(batch: Batch, kept: Batch) -> None:
     batch.advantages = advantages
 
 
+class Launch:
+    """What a failed run leaves: nothing new if it was refused; no directory if it failed while being set
+    up in a directory it created; otherwise a `run dir:` line naming the partial output."""
+
+    def __init__(self) -> None:
+        self.run_dir: Path | None = None
+        self.fresh = self.started = False
+        self.main = True
+
+    def accept(self, run_dir: Path, main: bool) -> None:
+        self.run_dir, self.main = run_dir, main
+        self.fresh = not run_dir.exists() or not any(run_dir.iterdir())  # Hydra just created it
+
+    def failed(self) -> None:
+        if self.run_dir is None or not self.main:
+            return
+        if self.fresh and not self.started:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        else:
+            console.print(f"run dir: {self.run_dir}")
+
+
 def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Run the whole training loop described by `cfg`, writing everything under `run_dir`; continue the
-    run there from its latest checkpoint if it has one (checkpoint.py); SIGTERM raises `Preempted`."""
+    run there from its latest checkpoint if it has one, or extend it to a larger `run.iterations`
+    (checkpoint.py); SIGTERM and SIGINT raise `Preempted`."""
+    launch = Launch()
     with PreemptionGuard() as guard:
-        return _train(cfg, run_dir, guard)
+        try:
+            return _train(cfg, run_dir, guard, launch)
+        except BaseException:
+            launch.failed()
+            raise
 
 
-def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
+def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launch) -> Path:
+    launched = cfg
     cfg, run_dir = resume_target(cfg, run_dir)
     dist = distributed.setup()
+    launch.accept(run_dir, dist.is_main)
     distributed.check_sizes(dist, cfg.run.prompts_per_iteration, cfg.run.eval_size)
     sharded = sharding.from_launch() if dist.active else None  # an `accelerate launch` FSDP / DeepSpeed config
     console.quiet = not dist.is_main  # progress lines once, from rank 0
     setup_torch(cfg.run, dist.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
+        provenance.record(run_dir, launched, cfg.run.iterations)
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     task = instantiate(cfg.dataset)
@@ -129,7 +161,10 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
     if completed is not None:
         console.print(f"resuming {run_dir} after iteration {completed} of {cfg.run.iterations}")
     metrics = MetricsFile(run_dir / "metrics.jsonl", resume_from=start)
-    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.run.name or run_dir.name)
+    identity = provenance.sweep_identity(run_dir)  # a sweep's job: named by its overrides, grouped by sweep
+    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True),
+                 cfg.run.name or identity.get("name", run_dir.name), group=identity.get("group"))
+    launch.started = True
 
     def rollouts(prompts: list, iteration: int, row: dict[str, Any]) -> Batch:
         """Generate and score completions for `prompts` (gold too, when references exist); time both."""
@@ -205,6 +240,8 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard) -> Path:
                 progress.done(row)
                 with guard.deferred():
                     checkpoints.save(iteration, policy, algo, sampler)
+            with guard.deferred():
+                checkpoints.write_final()
     finally:
         extra = {"run_dir": str(run_dir), "world_size": dist.world_size,
                  "sharding": sharded.name if sharded is not None else "none"}

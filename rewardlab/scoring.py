@@ -7,6 +7,8 @@ together) and tokenized with the policy's tokenizer; fields other than prompt/co
 (e.g. `id`) pass through unchanged. Rollouts keep their own groups and token ids. A plain-text prompt is
 taken as the raw question (rewards render it with their own templates; the policy reads it as given); a
 prompt given as chat messages (TRL's conversational format) is rendered with the policy's chat template.
+The policy's weights are loaded only if the reward uses them (a judge with model=self, reference
+likelihood, self-certainty): a verifiable or rule-based reward needs the tokenizer alone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from rewardlab.errors import UserError
 from rewardlab.io import write_text_atomic
@@ -40,6 +43,48 @@ class ScoreConfig:
 
 
 ConfigStore.instance().store(name="_score_schema", node=ScoreConfig)
+
+
+class LazyPolicy:
+    """Stands in for the Policy: its tokenizer and device at once, the model loaded on first use of
+    anything else (then it is the real Policy's)."""
+
+    def __init__(self, policy_cfg: DictConfig, device: str) -> None:
+        from rewardlab.policy import load_tokenizer, resolve_device
+
+        self._cfg, self._loaded = policy_cfg, None
+        self.device = resolve_device(device)
+        source = _tokenizer_source(policy_cfg)
+        try:
+            self.tokenizer = load_tokenizer(source)
+        except OSError as exc:
+            raise UserError(f"cannot load the policy's tokenizer from {source}: {str(exc).splitlines()[0]}; "
+                            f"download it first or set policy.path=<local model directory>") from None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._loaded is None:
+            from hydra.utils import instantiate
+
+            self._loaded = instantiate(self._cfg, device=str(self.device))
+        return getattr(self._loaded, name)
+
+
+def _tokenizer_source(policy_cfg: DictConfig) -> str:
+    """Where load_policy would read the tokenizer: policy.path, else policy.hub_id, else the tiny model."""
+    from rewardlab.policy import _local_dir
+    from rewardlab.policy.tiny import TinyBuild, ensure_tiny
+
+    if policy_cfg.get("path"):
+        return str(_local_dir(policy_cfg.path, "policy.path"))
+    if policy_cfg.get("hub_id"):
+        return policy_cfg.hub_id
+    if policy_cfg.get("name", "tiny") == "tiny":
+        tiny = policy_cfg.get("tiny")
+        return str(ensure_tiny(TinyBuild(**(OmegaConf.to_container(tiny) if tiny is not None else {}))))
+    raise UserError(f"policy {policy_cfg.name!r} needs policy.hub_id=<hub model id> or "
+                    f"policy.path=<local model directory>")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -116,7 +161,7 @@ def score_file(source: Path, output: Path, overrides: list[str]) -> int:
     with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
         cfg = compose(config_name="score", overrides=overrides)
     setup_torch(cfg.run)
-    policy = instantiate(cfg.policy, device=cfg.run.device)
+    policy = LazyPolicy(cfg.policy, cfg.run.device)
     reward = instantiate(cfg.reward)
     reward.bind(policy)
     results: list[dict[str, Any]] = []

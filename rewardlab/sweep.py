@@ -1,6 +1,8 @@
 """Sweep summary: one row per job of a Hydra multirun (the overrides that vary, and final metrics),
 written as sweep_summary.md and sweep_summary.json by a Hydra callback when a sweep ends (registered in
 conf/train.yaml) and by `rewardlab sweep-summary <multirun dir>` at any time, also mid-sweep.
+A job's overrides come from the record the run writes itself once accepted (provenance.py), so a rerun
+that was refused cannot relabel a job whose results came from other settings.
 """
 
 from __future__ import annotations
@@ -9,12 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from rewardlab.errors import UserError
 from rewardlab.io import write_json_atomic, write_text_atomic
+from rewardlab.provenance import RECORD, read_overrides
 
 COLUMNS = ("eval/accuracy_start", "eval/accuracy_end", "gold/accuracy", "reward/mean", "kl", "length/mean")
 
@@ -28,14 +30,14 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    """The job directories of a multirun (each has .hydra/overrides.yaml), in job-number order."""
-    jobs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
+    """The job directories of a multirun (each with its record, .hydra/overrides.yaml), in job-number order."""
+    jobs = [p.parent.parent for p in sweep_dir.glob(f"*/{RECORD}/overrides.yaml")]
     return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
 def varying_overrides(jobs: list[Path]) -> dict[Path, list[str]]:
     """Each job's overrides that differ between jobs (those shared by all say nothing about a row)."""
-    overrides = {job: yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or [] for job in jobs}
+    overrides = {job: read_overrides(job) for job in jobs}
     shared = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
     return {job: [o for o in items if o not in shared] for job, items in overrides.items()}
 

@@ -48,37 +48,63 @@ class NoLoggerConfig:
 @schema("logger", "wandb")
 class WandbConfig:
     _target_: str = "rewardlab.tracking.WandbLogger"
-    project: str = "rewardlab"
-    entity: Any = None
-    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline
-    group: Any = None
+    project: Any = None  # None: $WANDB_PROJECT, else "rewardlab"
+    entity: Any = None  # None: $WANDB_ENTITY, else W&B's default entity
+    mode: str = "auto"  # auto ($WANDB_MODE, else online when W&B has credentials, else offline) | online | offline
+    group: Any = None  # None: a sweep's directory for its jobs
     tags: Any = None
 
 
+def wandb_credentials() -> bool:
+    """Whether W&B has an API key by any of its own means: `wandb login` (netrc), WANDB_API_KEY, its
+    settings file, an identity token file. The logic of `wandb.api.api_key` (deprecated in 0.31, it warns)."""
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    settings = wandb_setup.singleton().settings
+    host = settings.base_url
+    return bool(wbauth.session_credentials(host=host) or os.environ.get("WANDB_API_KEY")
+                or wbauth.read_netrc_auth(host=host) or settings.api_key or settings.identity_token_file)
+
+
 class NullLogger:
-    def start(self, run_dir: Path, config: dict, name: str) -> None: ...
+    def start(self, run_dir: Path, config: dict, name: str, group: str | None = None) -> None: ...
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def log_samples(self, batch: Batch, step: int, limit: int) -> None: ...
     def finish(self) -> None: ...
 
 
 class WandbLogger(NullLogger):
-    """W&B run in the run directory; its id is kept in `wandb_id` so a resumed run continues it."""
+    """W&B run in the run directory; its id is kept in `wandb_id` so a resumed run continues the same W&B
+    run (`resume="allow"`). Offline, W&B writes each session to its own `wandb/offline-run-*-<id>*`
+    directory (it never reuses one); `finish` names them all with the one command that uploads them as
+    one run. Settings left unset defer to W&B's environment variables."""
 
-    def __init__(self, project: str = "rewardlab", entity: str | None = None, mode: str = "auto",
+    def __init__(self, project: str | None = None, entity: str | None = None, mode: str = "auto",
                  group: str | None = None, tags: list[str] | None = None) -> None:
         self.project, self.entity, self.mode, self.group, self.tags = project, entity, mode, group, tags
         self.run = None
+        self.offline_dirs: list[Path] = []
 
-    def start(self, run_dir: Path, config: dict, name: str) -> None:
-        import wandb
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
 
-        mode = self.mode if self.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    def init_kwargs(self, run_dir: Path, config: dict, name: str, group: str | None) -> dict[str, Any]:
+        """wandb.init's arguments; the run id comes from (or goes to) `<run dir>/wandb_id`."""
         id_file = run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         write_text_atomic(id_file, run_id)
-        kwargs = dict(project=self.project, entity=self.entity, group=self.group, tags=self.tags,
-                      dir=str(run_dir), config=config, name=name, id=run_id, resume="allow")
+        return dict(project=self.project or os.environ.get("WANDB_PROJECT") or "rewardlab", entity=self.entity,
+                    group=self.group or group, tags=self.tags, dir=str(run_dir), config=config, name=name,
+                    id=run_id, resume="allow")
+
+    def start(self, run_dir: Path, config: dict, name: str, group: str | None = None) -> None:
+        import wandb
+
+        mode = self.resolved_mode()
+        kwargs = self.init_kwargs(run_dir, config, name, group)
         try:
             self.run = wandb.init(mode=mode, **kwargs)
         except Exception as exc:  # W&B unreachable or refusing: never lose the run over logging
@@ -101,8 +127,16 @@ class WandbLogger(NullLogger):
         self.run.log({"samples": wandb.Table(columns=columns, data=rows)}, step=step)
 
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
+        if self.run is None:
+            return
+        offline, run_id = self.run.offline, self.run.id
+        wandb_dir = Path(self.run.settings.wandb_dir)
+        self.run.finish()
+        if offline:
+            self.offline_dirs = sorted(wandb_dir.glob(f"offline-run-*-{run_id}*"))
+            paths = " ".join(str(p) for p in self.offline_dirs)
+            console.print(f"W&B run {run_id} (offline, {len(self.offline_dirs)} session(s)): upload it as one run "
+                          f"with `wandb sync --id {run_id} {paths}`", soft_wrap=True)
 
 
 class ProgressDisplay:

@@ -115,7 +115,11 @@ def test_keeps_the_newest_n_and_latest_is_written_last(task, tmp_path):
         store.save(iteration, policy, algo, sampler)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["iter_0003", "iter_0004", "latest"]
-    assert (root / "latest").read_text().strip() == "iter_0004"
+    assert os.readlink(root / "latest") == "iter_0004/policy" and store.latest() == root / "iter_0004"
+    from transformers import AutoModelForCausalLM  # `latest` is a model directory for from_pretrained
+
+    loaded = AutoModelForCausalLM.from_pretrained(root / "latest").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in weights(policy).items() if k in loaded)
     with pytest.raises(UserError, match="keep at least 1"):
         Checkpointer(tmp_path, keep=0)
 
@@ -187,8 +191,10 @@ def test_resume_args_run_hydra_in_the_run_dir_and_refuse_config_overrides(tmp_pa
     (tmp_path / "config.yaml").write_text("run:\n  iterations: 3\n")
     args = resume_args([f"resume={tmp_path}", "hydra/launcher=basic"])
     assert f"hydra.run.dir='{tmp_path}'" in args and "hydra.output_subdir=null" in args
-    with pytest.raises(UserError, match="own config.yaml; drop run.iterations=5"):
-        resume_args([f"resume={tmp_path}", "run.iterations=5"])
+    assert "run.iterations=3" in args  # the run's own horizon unless the command extends it
+    assert "run.iterations=3" not in resume_args([f"resume={tmp_path}", "run.iterations=5"])
+    with pytest.raises(UserError, match=r"own config.yaml \(only run.iterations may change.*drop algo.lr=0.5"):
+        resume_args([f"resume={tmp_path}", "run.iterations=5", "algo.lr=0.5"])
     with pytest.raises(UserError, match="no config.yaml there"):
         resume_args([f"resume={tmp_path / 'missing'}"])
 
@@ -210,3 +216,21 @@ def test_sigterm_raises_preempted_and_waits_for_a_checkpoint_being_written():
                 finished.append(True)
     assert finished == [True]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigint_is_handled_like_sigterm_with_its_own_exit_code():
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionGuard() as guard:
+        with pytest.raises(Preempted, match="SIGINT received") as stopped:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+    assert stopped.value.exit_code == 130
+    with PreemptionGuard() as guard:
+        with pytest.raises(Preempted, match="SIGINT received while writing a checkpoint") as stopped:
+            with guard.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):
+                    pass
+    assert stopped.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) == before

@@ -36,7 +36,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 def latest(run_dir: Path) -> str:
     marker = run_dir / "checkpoints" / "latest"
-    return marker.read_text().strip() if marker.exists() else ""
+    return Path(os.readlink(marker)).parent.name if marker.is_symlink() else ""
 
 
 def start_and_wait(cmd: list[str], run_dir: Path, checkpoint: str, env: dict) -> subprocess.Popen:
@@ -94,6 +94,21 @@ def test_sigterm_exits_75_and_a_rerun_into_the_same_dir_resumes_the_wandb_run(un
     assert (tmp_path / "wandb_id").read_text().strip() == run_id
     offline = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(name.endswith(run_id) for name in offline)  # one W&B run, resumed
+    assert f"wandb sync --id {run_id}" in rerun.stderr and all(name in rerun.stderr for name in offline)
+
+
+def test_sigint_exits_130_with_the_last_checkpoint_intact_and_resumes(uninterrupted, tmp_path):
+    proc = start_and_wait(command(tmp_path, "logger=none"), tmp_path, "iter_0001", environment())
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "SIGINT received" in stderr and f"resume={tmp_path}" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "final").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={tmp_path}"],
+                             capture_output=True, text=True, env=environment())
+    assert resumed.returncode == 0, resumed.stderr
+    assert rows(tmp_path) == uninterrupted and (tmp_path / "final" / "model.safetensors").exists()
 
 
 def test_wandb_unreachable_with_a_key_continues_offline(tiny_policy, tmp_path):

@@ -77,11 +77,12 @@ def assert_same_metrics(a: list[dict], b: list[dict], rel: float = 0.0) -> None:
 
 def rewind(run_dir: Path, copy: Path, to: int) -> Path:
     """A copy of a finished run as a kill during iteration `to`+1 leaves it: that checkpoint is the latest."""
-    shutil.copytree(run_dir, copy)
+    shutil.copytree(run_dir, copy, symlinks=True)
     for path in (copy / "checkpoints").glob("iter_*"):
         if int(path.name.split("_")[1]) > to:
             shutil.rmtree(path)
-    (copy / "checkpoints" / "latest").write_text(f"iter_{to:04d}\n")
+    (copy / "checkpoints" / "latest").unlink()
+    (copy / "checkpoints" / "latest").symlink_to(f"iter_{to:04d}/policy")
     return copy
 
 

@@ -124,24 +124,25 @@ def load_model(source: str, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
 
 
-def _local_dir(path: str) -> Path:
+def _local_dir(path: str, key: str) -> Path:
     directory = Path(path).expanduser()
     if not (directory / "config.json").exists() and not is_adapter_dir(directory):
         what = "does not exist" if not directory.exists() else "has no config.json or adapter_config.json"
-        raise UserError(f"policy.path={path} {what}; point it at a directory saved by save_pretrained")
+        raise UserError(f"{key}={path} {what}; point it at a directory saved by save_pretrained")
     return directory
 
 
 def load_policy(name: str = "tiny", hub_id: str | None = None, path: str | None = None, dtype: str = "float32",
                 lora: LoraSettings | dict | None = None, gradient_checkpointing: bool = False,
-                tiny: dict | None = None, device: str = "cpu", log=print) -> Policy:
-    """Build the policy from `path` (a local model or LoRA adapters), else `hub_id`, else the tiny model."""
+                tiny: dict | None = None, device: str = "cpu", log=print, key: str = "policy.path") -> Policy:
+    """Build the policy from `path` (a local model or LoRA adapters), else `hub_id`, else the tiny model.
+    `key` is the config key the user set `path` with (a judge model loads through here too), for errors."""
     lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**(lora or {}))
     torch_device = resolve_device(device) if isinstance(device, str) else device
     torch_dtype = resolve_dtype(dtype, torch_device)
     adapters = None
     if path is not None:
-        directory = _local_dir(path)
+        directory = _local_dir(path, key)
         adapters = directory if is_adapter_dir(directory) else None
         source = adapter_base(directory) if adapters else str(directory)
         tokenizer_source = str(directory)

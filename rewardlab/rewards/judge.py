@@ -144,7 +144,10 @@ class LLMJudge:
 
         if self.spec.model != "self" and self.generator is not None:
             return
-        judge_policy = policy if self.spec.model == "self" else load_policy(path=self.spec.model, device=policy.device)
+        if self.spec.model == "self":
+            judge_policy = policy
+        else:
+            judge_policy = load_policy(path=self.spec.model, device=policy.device, key="reward.judge.model")
         sampling = Sampling(temperature=self.spec.temperature or 1.0, max_new_tokens=self.spec.max_new_tokens)
         self.generator = HFGenerator(judge_policy, batch_size=self.spec.batch_size, sampling=sampling)
 

@@ -1,0 +1,69 @@
+"""`rewardlab export RUN_DIR --out DIR [--merge-lora]`: a run's model as a plain model directory.
+
+The model comes from the run's `final/` (written when a run completes) or, for a run that stopped, its
+newest checkpoint. A full model is copied as saved (weights, config, tokenizer); a LoRA run holds only
+adapters, which peft's `merge_and_unload` folds into the base model named in their adapter_config.json.
+The directory is built beside `--out` and renamed into place, so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from rewardlab.checkpoint import Checkpointer
+from rewardlab.errors import UserError
+from rewardlab.policy.lora import adapter_base, is_adapter_dir
+
+
+def model_dir(run_dir: Path) -> Path:
+    """The run's model directory: final/ when the run completed, else the newest checkpoint's policy/."""
+    run_dir = Path(run_dir)
+    if (run_dir / "final").is_dir():
+        return run_dir / "final"
+    latest = Checkpointer(run_dir).latest() if run_dir.is_dir() else None
+    if latest is None:
+        raise UserError(f"{run_dir} has no final/ and no checkpoint; give the `run dir:` a training run printed")
+    return latest / "policy"
+
+
+def _merged(source: Path, target: Path) -> None:
+    """Save base + adapters from `source`, merged into plain weights, and the tokenizer, to `target`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = adapter_base(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    except OSError as exc:
+        raise UserError(f"cannot load the LoRA base model {base} named in {source}/adapter_config.json "
+                        f"({str(exc).splitlines()[0]})") from None
+    PeftModel.from_pretrained(model, str(source)).merge_and_unload().save_pretrained(target)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(target)
+
+
+def export_model(run_dir: Path, out: Path, merge_lora: bool = False) -> Path:
+    """Write the run's model to `out` (a new or empty directory); LoRA adapters need `merge_lora`."""
+    source = model_dir(run_dir)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not empty; choose a new directory")
+    adapters = is_adapter_dir(source)
+    if adapters and not merge_lora:
+        raise UserError(f"{source} holds LoRA adapters only; pass --merge-lora to write the merged full model "
+                        f"(or load the adapters with peft from {source})")
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if adapters:
+            _merged(source, tmp)
+        else:
+            shutil.copytree(source, tmp)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
