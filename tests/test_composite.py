@@ -57,18 +57,20 @@ def test_group_and_batch_normalization():
 
 
 def test_ensembles_mean_min_uwo():
-    members = [{**FMT, "pattern": "a.*"}, {**FMT, "pattern": ".*b"}]
+    members = {"a": {**FMT, "pattern": "a.*"}, "b": {**FMT, "pattern": ".*b"}}
     batch = make_batch(["p", "p"], ["ab", "ac"])
     for how, expected in (("mean", [1.0, 0.5]), ("min", [1.0, 0.0]), ("uwo", [1.0, 0.5 - 2.0 * 0.25])):
         composite(ens={"members": members, "ensemble": how, "uwo_lambda": 2.0}).score(batch)
         assert batch.reward == pytest.approx(expected)
-    assert batch.rewards["ens/0"] == [1.0, 1.0] and batch.rewards["ens/1"] == [1.0, 0.0]
+    assert batch.rewards["ens/a"] == [1.0, 1.0] and batch.rewards["ens/b"] == [1.0, 0.0]
 
 
 def test_bad_component_settings():
     with pytest.raises(UserError, match="transform"):
         composite(fmt={"reward": FMT, "transform": "squash"})
-    with pytest.raises(UserError, match="names no reward"):
+    with pytest.raises(UserError, match=r"names no reward; add one with \+reward@reward.components.empty.reward="):
         composite(empty={})
+    with pytest.raises(UserError, match="both `reward` and `members`"):
+        composite(fmt={"reward": FMT, "members": {"a": FMT}})
     with pytest.raises(UserError, match="at least one component"):
         CompositeReward(components={})
