@@ -103,10 +103,6 @@ class ExpertIteration:
         return self.threshold if self.cfg.keep == "threshold" else None
 
     def update(self, policy, batch: Batch) -> dict[str, float]:
-        from datasets import Dataset
-        from transformers import PrinterCallback
-        from trl import SFTConfig, SFTTrainer
-
         cfg = self.cfg
         cutoff = self.cutoff(batch)
         kept = select_kept(batch, cutoff, cfg.max_per_prompt, cfg.dedupe)
@@ -118,6 +114,10 @@ class ExpertIteration:
             reached = "none reached" if cutoff is None else f"none reached the threshold {cutoff:.3g}"
             return skipped(f"algo=rft kept no completion: {reached} (best reward this iteration "
                            f"{max(batch.reward):.3g}); algo.keep=best or quantile keeps the best ones", **metrics)
+        from datasets import Dataset
+        from transformers import PrinterCallback
+        from trl import SFTConfig, SFTTrainer
+
         if cfg.restart_from_base:
             policy.model.load_state_dict(policy.load_fresh().state_dict())
         data = Dataset.from_dict({"prompt": [batch.prompt[i] for i in kept],
