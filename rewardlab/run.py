@@ -7,7 +7,9 @@ Iteration 0 evaluates the starting policy; iterations 1..run.iterations each sam
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -92,8 +94,9 @@ def warn_repeated_prompts(per_iteration: int, available: int, samples: int) -> N
 
 def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Run the whole training loop described by `cfg`, writing everything under `run_dir`; continue the
-    run there from its latest checkpoint if it has one (checkpoint.py); SIGTERM raises `Preempted`."""
-    with PreemptionGuard() as guard:
+    run there from its latest checkpoint if it has one (checkpoint.py); SIGTERM raises `Preempted`.
+    What libraries print goes to stderr, the log: stdout is left to the results (`run dir: ...`)."""
+    with PreemptionGuard() as guard, contextlib.redirect_stdout(sys.stderr):
         return _train(cfg, run_dir, guard)
 
 

@@ -1,5 +1,6 @@
 """A run's log outside a terminal (SLURM logs, `| tee`): stdout holds only `run dir:`, stderr one unwrapped
-line per iteration with all its fields, and no library progress bar or warning."""
+line per iteration with all its fields, and no library progress bar or warning. What libraries print
+(TRL's final `{'train_runtime': ...}`, transformers' notices) never reaches stdout."""
 
 import re
 
@@ -16,7 +17,8 @@ def test_piped_run_prints_one_line_per_iteration_and_nothing_else(algo, tmp_path
     done = run_cli("train", f"algo={algo}", *SMALL_RUN, f"hydra.run.dir={run}", env={"COLUMNS": "40"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == f"run dir: {run}\n"
-    lines = done.stderr.splitlines()
+    # transformers prints this notice once when it loads its trainer under WANDB_MODE=offline (set by run_cli)
+    lines = [line for line in done.stderr.splitlines() if line != "[INFO] Running in WANDB offline mode"]
     assert not [line for line in lines if re.search(r"Warning|it/s|%\||Loading weights|examples/s", line)], lines
     iteration_lines = [line for line in lines if line.startswith("iter ")]
     assert len(iteration_lines) == len(lines)  # nothing else in a run that went well

@@ -82,3 +82,25 @@ def test_every_reward_and_algorithm_trains_or_says_why_not(tmp_path, orm_model):
     assert results["prm", "rft"].startswith("refused: algo=rft keeps completions that pass")
     assert not results["verifiable", "rft"].startswith("refused")
     assert sum(o == "trained" for o in results.values()) > len(results) // 2
+
+
+def test_more_prompts_per_iteration_than_train_rows_warns_once_at_start(tmp_path):
+    rows = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(1, 8)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[5:]))
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            *RUN, "run.prompts_per_iteration=16", "run.iterations=2", "dataset=jsonl", "dataset.max_new_tokens=8",
+            f"dataset.path={tmp_path / 'data.jsonl'}", f"dataset.test_path={tmp_path / 'test.jsonl'}",
+            "dataset.prompt.chat=false", "dataset.prompt.instruction=null", "algo.samples_per_prompt=2"])
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, tmp_path / "run")
+    torch.set_num_threads(threads)
+    repeats = [str(w.message) for w in caught if "more than the" in str(w.message)]
+    assert repeats == ["run.prompts_per_iteration=16 is more than the 5 train prompts: each is drawn about 3.2 "
+                       "times per iteration and its samples form one group of up to 8 completions; lower "
+                       "run.prompts_per_iteration or add train prompts"]
