@@ -144,7 +144,7 @@ class ProgressDisplay:
     def __init__(self, total: int, start: int) -> None:
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=console, disable=not sys.stderr.isatty())
-        self.task = self.progress.add_task("iteration", total=total, completed=start)
+        self.task = self.progress.add_task("iteration", total=total + 1, completed=start)  # + iteration 0, the eval
 
     def __enter__(self) -> "ProgressDisplay":
         self.progress.start()
