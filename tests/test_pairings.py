@@ -1,7 +1,7 @@
 """No silent no-op: every reward x algorithm pairing the configs offer (conf/reward/* x conf/algo/*) runs one
 iteration in-process, and each either trained (a loss logged), or skipped its update with `update/skipped`
-= 1 and a warning giving the reason, or stopped with one line (a UserError: exit 2 from the CLI) before any
-training iteration was logged. `reward=orm` is given a tiny saved sequence classifier (no default model);
+= 1 and a warning giving the reason, or was refused at start with one line (a UserError: exit 2 from the
+CLI), before any metrics row was written. `reward=orm` is given a tiny saved sequence classifier (no default model);
 the judges fall back to the `correct` rule, as the presets do, because the tiny policy cannot judge."""
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ def outcome(reward: str, algo: str, run_dir, orm_model) -> str:
             exc = _user_error_in(exc)
             if exc is None:
                 raise
-            logged = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-            assert [json.loads(r)["iteration"] for r in logged] in ([], [0]), f"{reward} x {algo} stopped late"
+            assert not (run_dir / "metrics.jsonl").exists(), f"{reward} x {algo} was refused only after it started"
             assert "\n" not in str(exc)
             return f"refused: {exc}"
     row = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]

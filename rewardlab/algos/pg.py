@@ -89,6 +89,10 @@ class PolicyGradient:
         context = context or AlgoContext()
         self.cfg = PGConfig(**{k: v for k, v in settings.items() if k != "_target_"})
         check_settings(self.cfg)
+        if self.cfg.credit != "outcome" and not getattr(context.reward, "process", True):
+            raise UserError(f"algo.credit={self.cfg.credit} needs a process reward (one that writes step_rewards, "
+                            f"e.g. reward=arith_steps), and reward '{context.reward.name}' gives one score per "
+                            f"completion; use algo.credit=outcome for this reward")
         self.samples_per_prompt = self.cfg.samples_per_prompt
         self.temperature, self.max_new_tokens = context.temperature, context.max_new_tokens
         self.total_iterations = context.total_iterations

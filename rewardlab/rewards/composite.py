@@ -162,6 +162,11 @@ class CompositeReward(Reward):
                             "+reward@reward.components.<name>.reward=<reward>")
         self.components = [Component(n, c) for n, c in components.items()]
 
+    @property
+    def process(self) -> bool:
+        """Step rewards come through a component with a single process reward (ensembles give none)."""
+        return any(len(c.members) == 1 and c.members[0].process for c in self.components)
+
     def bind(self, policy) -> None:
         for component in self.components:
             for member in component.members:
