@@ -57,6 +57,15 @@ def describe(exc: BaseException) -> str:
     while cause.__cause__ is not None:
         cause = cause.__cause__
     key = getattr(cause, "full_key", None)
+    component = re.search(r"override \+?(reward\.components\.[^.=']+)", str(exc))
+    if component and "is not a subclass of ComponentConfig" in str(cause):
+        name = component.group(1)
+        return (f"{name} is not a component yet: add it by choosing its reward, +reward@{name}.reward=<reward> "
+                f"(e.g. length), then set {name}.weight=... (see `rewardlab configs` for rewards)")
+    missing = re.search(r"Key '([^']+)' not in '([^']+)'\s+full_key: (\S+)", str(exc))
+    if missing:
+        return (f"unknown config key '{missing.group(3)}' ({missing.group(2)} has no '{missing.group(1)}'); "
+                f"check the spelling (`rewardlab train --cfg job` shows every key)")
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or "No match in config" in str(exc) \
             or "not in struct" in str(cause):
         named = re.search(r"override '([^']+)'", str(exc))

@@ -48,6 +48,7 @@ class RunConfig:
     log_samples: int = 8  # rollouts shown in the W&B table each iteration
     name: Optional[str] = None  # run name for W&B; defaults to the run directory's name
     keep_checkpoints: int = 2  # newest checkpoints kept under <run_dir>/checkpoints (one is written per iteration)
+    verbose: bool = False  # libraries' progress bars, info logs and deprecation warnings in the log
 
 
 @dataclass
@@ -73,6 +74,7 @@ class EvalRunConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
+    verbose: bool = False
 
 
 @dataclass

@@ -160,6 +160,15 @@ def should_update(dist: Dist, algo: Any, rows: int) -> bool:
     return True
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank, the same answer on every rank (so all skip a step together)."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return flag
+    flags: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(flags, bool(flag))
+    return any(flags)
+
+
 def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Average `.grad` over ranks, one flattened all-reduce per dtype, before clipping and the optimizer
     step, so every rank applies the same update and clipping sees the global gradient's norm.

@@ -7,8 +7,10 @@ Iteration 0 evaluates the starting policy; iterations 1..run.iterations each sam
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rewardlab import distributed, provenance, sharding
-from rewardlab.algos import AlgoContext
+from rewardlab.algos import SKIP_REASON, SKIPPED, AlgoContext, skipped
 from rewardlab.checkpoint import Checkpointer, resume_target
 from rewardlab.data.base import PromptSampler
 from rewardlab.diagnostics import hacking_metrics
@@ -32,7 +34,7 @@ from rewardlab.answers import check
 from rewardlab.rollout import Batch
 from rewardlab.sampling import collect
 from rewardlab.steps import process_metrics
-from rewardlab.tracking import MetricsFile, NullLogger, ProgressDisplay, console, write_summary
+from rewardlab.tracking import MetricsFile, NullLogger, ProgressDisplay, console, quiet_libraries, write_summary
 
 
 def seed_everything(seed: int) -> None:
@@ -103,12 +105,23 @@ class Launch:
             console.print(f"run dir: {self.run_dir}")
 
 
+def warn_repeated_prompts(per_iteration: int, available: int, samples: int) -> None:
+    """Warn once when an iteration draws more prompts than the train split has: the repeats share a
+    prompt id, so their samples merge into one larger group rather than forming separate groups."""
+    if per_iteration > available:
+        warnings.warn(f"run.prompts_per_iteration={per_iteration} is more than the {available} train prompts: "
+                      f"each is drawn about {per_iteration / available:.1f} times per iteration and its samples "
+                      f"form one group of up to {-(-per_iteration // available) * samples} completions; lower "
+                      f"run.prompts_per_iteration or add train prompts")
+
+
 def train(cfg: DictConfig, run_dir: Path) -> Path:
     """Run the whole training loop described by `cfg`, writing everything under `run_dir`; continue the
     run there from its latest checkpoint if it has one, or extend it to a larger `run.iterations`
-    (checkpoint.py); SIGTERM and SIGINT raise `Preempted`."""
+    (checkpoint.py); SIGTERM and SIGINT raise `Preempted`. What libraries print goes to stderr, the log:
+    stdout is left to the results (`run dir: ...`)."""
     launch = Launch()
-    with PreemptionGuard() as guard:
+    with PreemptionGuard() as guard, contextlib.redirect_stdout(sys.stderr):
         try:
             return _train(cfg, run_dir, guard, launch)
         except BaseException:
@@ -117,6 +130,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launch) -> Path:
+    quiet_libraries(cfg.run.verbose)
     launched = cfg
     cfg, run_dir = resume_target(cfg, run_dir)
     dist = distributed.setup()
@@ -146,6 +160,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
     logger = instantiate(cfg.logger) if dist.is_main else NullLogger()
 
     sampler = PromptSampler(task.train_examples(), seed=cfg.run.seed)
+    warn_repeated_prompts(cfg.run.prompts_per_iteration, len(sampler.examples), algo.samples_per_prompt)
     test_set = list(task.test_examples())[: cfg.run.eval_size]
     if not test_set:
         raise UserError("the data set's test split is empty; evaluation needs at least one example")
@@ -218,11 +233,16 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
                 progress.stage(iteration, "update")
                 mark = time.perf_counter()
                 if not distributed.should_update(dist, algo, len(kept)):
-                    warnings.warn(f"iteration {iteration}: no rollouts left after filtering; update skipped")
-                    row["update/skipped"] = 1.0
+                    update = skipped("no rollouts left after filtering")
                 else:
-                    row.update(algo.update(policy, kept))
-                    generator.sync(policy)
+                    update = algo.update(policy, kept)
+                    if "loss" not in update and SKIPPED not in update:  # no loss: it trained on nothing
+                        update = skipped(f"{type(algo).__name__} reported no loss", **update)
+                    if SKIPPED not in update:
+                        generator.sync(policy)
+                row.update(update)
+                if SKIPPED in update:
+                    warnings.warn(f"iteration {iteration}: {update[SKIP_REASON]}; update skipped")
                 mark_kept(batch, kept)
                 row["time/update"] = time.perf_counter() - mark
 
@@ -271,6 +291,7 @@ def evaluation_dataset(dataset: DictConfig) -> DictConfig:
 def evaluate_only(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """`rewardlab eval`: the policy's accuracy on the data set's test split, written to eval.json.
     Only the test data is read (data/source.py reads a train split on first use)."""
+    quiet_libraries(cfg.run.verbose)
     setup_torch(cfg.run)
     task = instantiate(evaluation_dataset(cfg.dataset))
     policy = instantiate(cfg.policy, device=cfg.run.device, log=console.print)

@@ -1,5 +1,9 @@
 """Where metrics go: metrics.jsonl in the run directory (always), W&B (unless logger=none), and a
-rich progress display on the console."""
+rich progress display on the console.
+
+The console is written for logs as much as for terminals (SLURM's slurm-<id>.out, `| tee`): one line per
+iteration, never wrapped, no progress bar unless stderr is a terminal, and no library progress bars,
+info logs or deprecation warnings unless `run.verbose=true` (`quiet_libraries`)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,34 @@ from rewardlab.config import schema
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.rollout import Batch
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # soft wrap: a long line stays one line in a log file
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep a run's log to its own lines: no transformers / datasets / hub progress bars (`Loading weights`,
+    dataset map bars), library info logs, Future- or DeprecationWarnings; our warnings print as one line
+    `warning: ...`. `verbose` (run.verbose=true) leaves every library as it is."""
+    if verbose:
+        return
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].utils.logging.set_verbosity_error()
+    else:  # read when TRL's trainers import it; importing datasets here would slow every run by ~1 s
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.formatwarning = _one_line_warning
 
 
 class MetricsFile:
@@ -147,7 +178,7 @@ class ProgressDisplay:
     def __init__(self, total: int, start: int) -> None:
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=console, disable=not sys.stderr.isatty())
-        self.task = self.progress.add_task("iteration", total=total, completed=start)
+        self.task = self.progress.add_task("iteration", total=total + 1, completed=start)  # + iteration 0, the eval
 
     def __enter__(self) -> "ProgressDisplay":
         self.progress.start()
@@ -161,7 +192,9 @@ class ProgressDisplay:
 
     def done(self, row: dict[str, Any]) -> None:
         parts = [f"{k}={row[k]:.3f}" for k in self.KEYS if isinstance(row.get(k), (int, float))]
-        self.progress.console.print(f"iter {row['iteration']:>3}  " + "  ".join(parts))
+        if row.get("update/skipped"):
+            parts.append("update skipped")
+        self.progress.console.print(f"iter {row['iteration']:>3}  " + "  ".join(parts), markup=False, highlight=False)
         self.progress.advance(self.task)
 
 

@@ -84,7 +84,7 @@ JUDGE = ["reward=judge", "reward.judge.samples=1", "reward.judge.temperature=0",
 
 def test_a_judge_that_often_fails_to_score_is_logged_and_its_rows_dropped(tiny_policy, tmp_path, monkeypatch):
     def half_parsable(self, queries):
-        return [["Score: 4" if i % 2 else "I cannot judge this."] for i in range(len(queries))]
+        return [[f"Score: {i % 4}" if i % 2 else "I cannot judge this."] for i in range(len(queries))]
 
     monkeypatch.setattr(LLMJudge, "ask", half_parsable)
     with pytest.warns(UserWarning, match="8 of 16 rollouts have a NaN"):

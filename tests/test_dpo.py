@@ -63,7 +63,7 @@ def test_no_pairs_skips_the_update(policy):
     algo = IterativeDPO(AlgoContext())
     before = params(policy.model)
     m = algo.update(policy, scored(make_batch(policy.tokenizer, {"2+3": ["#### 5", "#### 5"]})))
-    assert m["pairs/built"] == 0 and m["dpo/skipped_update"] == 1.0 and algo.updates == 0
+    assert m["pairs/built"] == 0 and m["update/skipped"] == 1.0 and "tie" in m["update/skip_reason"] and algo.updates == 0
     assert torch.equal(before, params(policy.model))
 
 

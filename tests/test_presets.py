@@ -61,8 +61,9 @@ def test_spin_builds_real_pairs_on_arith(tiny_policy, tmp_path):
 
 @pytest.mark.slow
 def test_pref_grpo_trains_grpo_on_win_rates(tiny_policy, tmp_path):
-    row = run_preset(tmp_path, 1, ["experiment=pref_grpo", *FAST_JUDGE])[1]
-    assert row["judge/comparisons"] == 3 and "judge/parse_failure_rate" in row and "loss" in row
+    # 4 prompts: with 3, every group's two samples tie (win rate 0.5 each), no gradient, a skipped update
+    row = run_preset(tmp_path, 1, ["experiment=pref_grpo", *FAST_JUDGE, "run.prompts_per_iteration=4"])[1]
+    assert row["judge/comparisons"] == 4 and "judge/parse_failure_rate" in row and "loss" in row
     assert 0.0 <= row["reward/mean"] <= 1.0 and math.isfinite(row["reward/pairwise_judge/mean"])
 
 

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Any
 
+SKIPPED, SKIP_REASON = "update/skipped", "update/skip_reason"
+
 
 @dataclass
 class AlgoContext:
@@ -13,3 +15,9 @@ class AlgoContext:
     total_iterations: int = 1
     seed: int = 0
     reward: Any = None  # the run's reward, for algorithms that score extra samples (anchored rejection)
+
+
+def skipped(reason: str, **metrics: Any) -> dict[str, Any]:
+    """The metrics of an update that trained on nothing: `update/skipped` = 1 and the reason, which the
+    loop warns with and logs (metrics.jsonl, W&B). An update never returns without a loss or this."""
+    return {**metrics, SKIPPED: 1.0, SKIP_REASON: reason}

@@ -26,7 +26,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from rewardlab.algos import AlgoContext
+from rewardlab.algos import AlgoContext, skipped
 from rewardlab.algos.pairs import PairSet, anchored_rejection, best_worst, cream, dno, spin
 from rewardlab.config import schema
 from rewardlab.errors import UserError
@@ -246,8 +246,8 @@ class IterativeDPO:
         pairs, metrics = self.build_pairs(policy, batch)
         metrics.update(pairs.metrics())
         if not pairs.pairs:
-            metrics["dpo/skipped_update"] = 1.0
-            return metrics
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(pairs.skipped.items())) or "none"
+            return skipped(f"algo=dpo built no pair (algo.pairs={self.cfg.pairs}; groups skipped: {why})", **metrics)
         if self.keep:
             self._remember(policy)
         metrics.update(self._train(policy, pairs, self._reference(policy)))

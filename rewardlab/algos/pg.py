@@ -17,11 +17,11 @@ from typing import Any, Optional
 
 import torch
 
-from rewardlab.algos import AlgoContext
+from rewardlab.algos import AlgoContext, skipped
 from rewardlab.algos.advantages import ESTIMATORS, process
 from rewardlab.algos.losses import Tensors, aggregate, clipped_loss, to_tensors, token_logprobs
 from rewardlab.config import schema
-from rewardlab.distributed import all_reduce_gradients
+from rewardlab.distributed import all_reduce_gradients, any_rank
 from rewardlab.errors import UserError
 from rewardlab.sharding import DeepSpeed, is_sharded, load_optimizer_state, micro_steps, optimizer_state
 from rewardlab.rollout import Batch
@@ -92,6 +92,10 @@ class PolicyGradient:
         context = context or AlgoContext()
         self.cfg = PGConfig(**{k: v for k, v in settings.items() if k != "_target_"})
         check_settings(self.cfg)
+        if self.cfg.credit != "outcome" and not getattr(context.reward, "process", True):
+            raise UserError(f"algo.credit={self.cfg.credit} needs a process reward (one that writes step_rewards, "
+                            f"e.g. reward=arith_steps), and reward '{context.reward.name}' gives one score per "
+                            f"completion; use algo.credit=outcome for this reward")
         self.samples_per_prompt = self.cfg.samples_per_prompt
         self.temperature, self.max_new_tokens = context.temperature, context.max_new_tokens
         self.total_iterations = context.total_iterations
@@ -193,6 +197,9 @@ class PolicyGradient:
             batch.advantages = adv.tolist()
             adv = adv.to(device)
             token_adv = adv
+        if cfg.beta == 0 and not any_rank(bool(token_adv.any())):  # a zero loss with a zero gradient
+            return skipped("every advantage is 0 (each group's rewards are all equal) and algo.beta=0: no gradient",
+                           **{"advantage/abs_mean": 0.0})
         n = len(batch)
         if cfg.num_iterations > 1 or 0 < cfg.minibatch_size < n:
             with policy.full_weights():

@@ -101,6 +101,7 @@ class ArithStepsReward(ProcessReward):
         super().__init__(name, split=split, aggregate=aggregate, empty=incorrect)
         self.correct, self.incorrect = correct, incorrect
         self.tidy = incorrect if tidy is None else tidy
+        self.passing = correct if aggregate in ("min", "last", "mean") else None  # every step (the last) right
 
     def score_steps(self, batch: Batch, steps: list[list[str]]) -> list[list[float]]:
         gold = [gold_check(p, s, r) for p, s, r in zip(batch.prompt, steps, batch.reference)]

@@ -10,6 +10,11 @@ from rewardlab.rollout import Batch
 class Reward(ABC):
     """A named reward component. Rewards see the whole batch (some need the group or a model)."""
 
+    #: the score of a pass for pass/fail rewards (verifiable: `correct`), RFT's default threshold; None if graded
+    passing: float | None = None
+    #: whether `score` writes one score per step (`batch.step_rewards`), which process credit needs
+    process: bool = False
+
     def __init__(self, name: str) -> None:
         self.name = name
 

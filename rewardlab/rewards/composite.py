@@ -1,6 +1,11 @@
 """Composite rewards (`reward=composite`): a weighted sum of named components, each optionally an
 ensemble of several reward models and shaped by a transform, every component's column kept.
 
+Every component's `reward` (and every ensemble member) is an ordinary reward config, so any composite is
+built from the command line by choosing rewards into it with Hydra's group@package form:
+`+reward@reward.components.len.reward=length reward.components.len.weight=-0.1`, or for an ensemble
+`+reward@reward.components.rm.members.a=orm +reward@reward.components.rm.members.b=orm`.
+
 Per component, in order: score (ensemble: `mean`, worst-case `min`, or `uwo` = mean − λ·variance over
 members); transform (`par`: sigmoid(r − r_ref) with r_ref the component's score of the row's reference
 response; `clip`: each step reward becomes min(r − η, 0); `delta`: step k gets r_k − r_{k+1}, the last
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from hydra.utils import instantiate
 
@@ -30,7 +35,7 @@ ENSEMBLES = ("mean", "min", "uwo")
 @dataclass
 class ComponentConfig:
     reward: Any = None  # one reward config (with _target_), or
-    members: List[Any] = field(default_factory=list)  # several, combined by `ensemble`
+    members: Dict[str, Any] = field(default_factory=dict)  # several, by name, combined by `ensemble`
     ensemble: str = "mean"  # mean | min | uwo
     uwo_lambda: float = 0.5
     transform: str = "none"  # none | par | clip | delta
@@ -79,12 +84,15 @@ class Component:
                                      ("normalize", self.normalize, NORMALIZE), ("ensemble", self.ensemble, ENSEMBLES)):
             if value not in allowed:
                 raise UserError(f"reward.components.{name}.{what}={value!r} is not one of {', '.join(allowed)}")
-        configs = list(cfg.members) or ([cfg.reward] if cfg.reward is not None else [])
+        if cfg.members and cfg.reward is not None:
+            raise UserError(f"reward.components.{name} sets both `reward` and `members`; keep one")
+        configs = dict(cfg.members) or ({name: cfg.reward} if cfg.reward is not None else {})
         if not configs:
-            raise UserError(f"reward.components.{name} names no reward; set its `reward` or `members`")
+            raise UserError(f"reward.components.{name} names no reward; add one with "
+                            f"+reward@reward.components.{name}.reward=<reward> (or its `members`)")
         single = len(configs) == 1
         self.members: list[Reward] = [instantiate(c, name=name if single else f"{name}/{k}")
-                                      for k, c in enumerate(configs)]
+                                      for k, c in configs.items()]
 
     def raw(self, batch: Batch) -> tuple[list[float], list[list[float]] | None]:
         """The (ensembled) score per row and, for a single process reward, its step rewards."""
@@ -150,8 +158,14 @@ class CompositeReward(Reward):
     def __init__(self, name: str = "composite", components: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(name)
         if not components:
-            raise UserError("reward=composite needs at least one component: reward.components.<name>.reward=...")
+            raise UserError("reward=composite needs at least one component: "
+                            "+reward@reward.components.<name>.reward=<reward>")
         self.components = [Component(n, c) for n, c in components.items()]
+
+    @property
+    def process(self) -> bool:
+        """Step rewards come through a component with a single process reward (ensembles give none)."""
+        return any(len(c.members) == 1 and c.members[0].process for c in self.components)
 
     def bind(self, policy) -> None:
         for component in self.components:

@@ -35,6 +35,7 @@ class FormatReward(Reward):
         except re.error as exc:
             raise UserError(f"reward.pattern={pattern!r} is not a valid regular expression ({exc})") from exc
         self.answer_format, self.correct, self.incorrect = answer_format, correct, incorrect
+        self.passing = correct
 
     def follows(self, completion: str) -> bool:
         if self.pattern is not None:

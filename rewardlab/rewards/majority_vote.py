@@ -33,6 +33,7 @@ class MajorityVoteReward(Reward):
     def __init__(self, name: str = "majority_vote", answer_format: str = "auto") -> None:
         super().__init__(name)
         self.answer_format = answer_format
+        self.passing = 1.0
 
     def compute(self, batch: Batch) -> list[float]:
         out = [0.0] * len(batch)

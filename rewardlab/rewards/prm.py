@@ -100,6 +100,8 @@ def detect_format(architectures: list[str], tokenizer) -> str:
 class PRMReward(Reward):
     """Step scores from a process reward model into `batch.step_rewards`; the aggregate into the reward."""
 
+    process = True
+
     def __init__(self, name: str = "prm", model: str | None = None, format: str = "auto",
                  aggregate: str = "min", scale: str = "prob", step_tag: str | None = None, good_token: str = "+",
                  bad_token: str = "-", batch_size: int = 32, device: str = "auto", dtype: str = "float32",

@@ -17,6 +17,7 @@ class ProcessReward(Reward):
     `empty`)."""
 
     AGGREGATES = ("min", "last", "prod", "mean", "sum")
+    process = True
 
     def __init__(self, name: str, split: StepSplit | dict | None = None, aggregate: str = "min",
                  empty: float = 0.0) -> None:

@@ -27,6 +27,7 @@ class VerifiableReward(Reward):
         super().__init__(name)
         self.answer_format = answer_format
         self.correct, self.incorrect = correct, incorrect
+        self.passing = correct
 
     def compute(self, batch: Batch) -> list[float]:
         ok = check(batch.completion, batch.reference, self.answer_format)
