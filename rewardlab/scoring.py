@@ -33,6 +33,7 @@ class ScoreRunConfig:
     device: str = "auto"
     seed: int = 0
     threads: int = 0
+    verbose: bool = False  # libraries' progress bars, info logs and deprecation warnings
 
 
 @dataclass
@@ -153,6 +154,7 @@ def score_file(source: Path, output: Path, overrides: list[str]) -> int:
 
     from rewardlab.config import register_schemas
     from rewardlab.run import setup_torch
+    from rewardlab.tracking import quiet_libraries
 
     register_schemas()
     if not source.exists():
@@ -160,6 +162,7 @@ def score_file(source: Path, output: Path, overrides: list[str]) -> int:
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
         cfg = compose(config_name="score", overrides=overrides)
+    quiet_libraries(cfg.run.verbose)
     setup_torch(cfg.run)
     policy = LazyPolicy(cfg.policy, cfg.run.device)
     reward = instantiate(cfg.reward)
