@@ -72,3 +72,17 @@ def test_native_top_k_one_is_greedy(tiny_policy, prompts):
 def test_unknown_engine_is_a_user_error(tiny_policy):
     with pytest.raises(UserError, match="generation.engine"):
         HFGenerator(tiny_policy, engine="fast")
+
+
+def test_generate_engine_ignores_the_models_generation_config(tiny_policy, prompts):
+    """Only generation.sampling applies: a repetition penalty in the model's generation_config.json (as Qwen
+    ships) must not change what `model.generate` decodes, nor stay changed on the model afterwards."""
+    config = tiny_policy.model.generation_config
+    before = HFGenerator(tiny_policy, engine="generate").generate(prompts[:8], n=1, greedy=True)
+    config.repetition_penalty, config.no_repeat_ngram_size = 50.0, 2
+    try:
+        after = HFGenerator(tiny_policy, engine="generate").generate(prompts[:8], n=1, greedy=True)
+        assert tiny_policy.model.generation_config.repetition_penalty == 50.0
+    finally:
+        config.repetition_penalty, config.no_repeat_ngram_size = 1.0, 0
+    assert after.completion_ids == before.completion_ids

@@ -18,13 +18,13 @@ by a logits processor that keeps one (rows, vocab) buffer, so memory stays O(row
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import inspect
-
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from rewardlab.errors import UserError
@@ -75,6 +75,19 @@ class _LogprobRecorder(LogitsProcessor):
         """(rows, steps) log-probs of the generated tokens."""
         self.taken.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
         return torch.stack(self.taken, dim=1)
+
+
+@contextlib.contextmanager
+def _own_settings_only(model):
+    """`model.generate` under transformers' global defaults plus our arguments: the model's own
+    generation_config.json (e.g. Qwen's repetition_penalty, top_k) would otherwise fill every setting we leave
+    unset, changing what is sampled and making the recorded log-probs differ from what the loss recomputes."""
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 class HFGenerator:
@@ -200,8 +213,9 @@ class HFGenerator:
         kwargs = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             logits_processor=LogitsProcessorList([recorder]))
-        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_new_tokens,
-                             pad_token_id=pad, eos_token_id=list(stops), **kwargs)
+        with _own_settings_only(model):
+            out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_new_tokens,
+                                 pad_token_id=pad, eos_token_id=list(stops), **kwargs)
         generated = out[:, width:]
         logps = recorder.finish(generated[:, -1]) if recorder is not None else None
         is_eos = torch.isin(generated, torch.tensor(stops, device=generated.device))
