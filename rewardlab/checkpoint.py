@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import random
 import re
 import shutil
@@ -51,6 +52,25 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+#: What `state.pt` may hold besides tensors and plain containers: numpy arrays (numpy's RNG state). Loading
+#: with `weights_only=True` and only these allowed means a run directory from elsewhere cannot run code.
+SAFE_GLOBALS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """`state.pt` read as data only (tensors, numbers, strings, containers, numpy arrays): a pickled
+    object that would run code on loading is refused with a UserError, and its code never runs."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _GLOBAL.search(str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{path} holds a pickled object that could run code{what}; rewardlab reads only tensors "
+                        f"and plain data from a checkpoint, so it will not resume from this file") from None
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -248,7 +268,7 @@ class Checkpointer:
         path = self.latest()
         if path is None:
             return None
-        state = torch.load(path / STATE, map_location="cpu", weights_only=False)  # our own file: RNG tuples
+        state = load_state(path / STATE)
         if state.get("format") != FORMAT:
             raise UserError(f"checkpoint {path} has format {state.get('format')}, this rewardlab reads {FORMAT}")
         with _no_progress_bars():
