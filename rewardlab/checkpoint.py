@@ -1,4 +1,5 @@
-"""Checkpoints of the whole loop state at the end of every iteration, and resuming from them.
+"""Checkpoints of the whole loop state at the end of an iteration (every `run.checkpoint_every` iterations,
+every `run.checkpoint_minutes`, after the last one, and when a signal stops the run), and resuming from them.
 
 Layout under the run directory:
     checkpoints/iter_0003/policy/   `save_pretrained` of the policy (only the LoRA adapters for a PEFT
@@ -27,6 +28,7 @@ import pickle
 import random
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -155,6 +157,35 @@ def _link_or_copy(source: str, target: str) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+class Cadence:
+    """When an iteration is checkpointed: every `every` iterations (0: not by count), or once `minutes` have
+    passed since the last checkpoint (0: not by time), and always the last iteration. A run resumes from its
+    last checkpoint, so what it loses to a SIGKILL or a crash is the iterations since then (a SIGTERM or
+    SIGINT checkpoints the iteration in progress instead)."""
+
+    def __init__(self, every: int, minutes: float, last: int) -> None:
+        if every < 0 or minutes < 0:
+            raise UserError(f"run.checkpoint_every={every}, run.checkpoint_minutes={minutes}: give 0 (off) or a "
+                            f"positive number")
+        self.every, self.seconds, self.last = every, minutes * 60, last
+        self.since = time.monotonic()
+
+    def due(self, iteration: int) -> bool:
+        if iteration == self.last or (self.every and iteration % self.every == 0):
+            return True
+        return self.seconds > 0 and time.monotonic() - self.since >= self.seconds
+
+    def saved(self) -> None:
+        self.since = time.monotonic()
+
+
+def drop_rollouts_after(run_dir: Path, iteration: int) -> None:
+    """Remove rollout files of iterations after the checkpoint a run resumes from: they are recomputed."""
+    for path in (Path(run_dir) / "rollouts").glob("iter_*.parquet"):
+        if (found := re.match(r"iter_(\d+)\.parquet$", path.name)) and int(found.group(1)) > iteration:
+            path.unlink()
 
 
 class Checkpointer:
