@@ -107,7 +107,7 @@ def train(ctx: typer.Context) -> None:
     resumable. `run.checkpoint_every=N` / `run.checkpoint_minutes=M` space the checkpoints out (large models).
     A finished run's model is in `<run dir>/final/`.
     """
-    from rewardlab.checkpoint import resume_args
+    from rewardlab.resume import resume_args
     from rewardlab.distributed import run_dir_overrides
 
     with user_errors():

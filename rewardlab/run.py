@@ -23,13 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from rewardlab import distributed, provenance, sharding
 from rewardlab.algos import SKIP_REASON, SKIPPED, AlgoContext, skipped
-from rewardlab.checkpoint import Cadence, Checkpointer, drop_rollouts_after, resume_target
+from rewardlab.checkpoint import Cadence, Checkpointer, drop_rollouts_after
 from rewardlab.data.base import PromptSampler
 from rewardlab.diagnostics import hacking_metrics
 from rewardlab.errors import UserError
 from rewardlab.evaluation import eval_seed, evaluate
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.preemption import PreemptionGuard
+from rewardlab.resume import resume_target
 from rewardlab.answers import check
 from rewardlab.rollout import Batch
 from rewardlab.sampling import collect

@@ -15,13 +15,14 @@ import torch
 from rewardlab import checkpoint as ckpt
 from rewardlab.algos import AlgoContext
 from rewardlab.algos.pg import PolicyGradient
-from rewardlab.checkpoint import Checkpointer, resume_args
+from rewardlab.checkpoint import Checkpointer
 from rewardlab.data.arith import ArithTask
 from rewardlab.data.base import PromptSampler
 from rewardlab.errors import UserError
 from rewardlab.generation.hf import HFGenerator
 from rewardlab.policy import load_policy
 from rewardlab.preemption import Preempted, PreemptionGuard
+from rewardlab.resume import resume_args
 from rewardlab.rewards.verifiable import VerifiableReward
 
 
@@ -293,4 +294,16 @@ def test_a_state_pt_that_would_run_code_is_refused_and_the_code_never_runs(task,
     torch.save({"format": ckpt.FORMAT, "iteration": 0, "algo": _WritesAFile(marker)}, saved / ckpt.STATE)
     with pytest.raises(UserError, match=r"state.pt holds a pickled object that could run code \(.*open\)"):
         store.restore(policy, algo, sampler)
+    assert not marker.exists()
+
+
+def test_deepspeed_files_naming_anything_but_its_known_classes_are_refused_unrun(tmp_path):
+    folder = tmp_path / "deepspeed" / "zero"
+    folder.mkdir(parents=True)
+    torch.save({"optimizer_state_dict": {"state": {0: torch.zeros(2)}}, "ds_version": "0.18"}, folder / "optim.pt")
+    ckpt.check_deepspeed_files(tmp_path / "deepspeed")  # tensors and plain data pass
+    marker = tmp_path / "marker"
+    torch.save({"loss_scaler": _WritesAFile(marker)}, folder / "zero_pp_rank_1_optim_states.pt")
+    with pytest.raises(UserError, match=r"zero_pp_rank_1_optim_states.pt holds pickled objects that could run code"):
+        ckpt.check_deepspeed_files(tmp_path / "deepspeed")
     assert not marker.exists()
