@@ -1,6 +1,8 @@
 """The CLI starts without the heavy libraries: `--help`, `configs` and argument errors import no torch."""
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 
@@ -10,10 +12,10 @@ HEAVY = ("torch", "transformers", "trl", "deepspeed", "datasets", "accelerate", 
 
 
 def _imported_after(code: str) -> list[str]:
-    probe = f"{code}\nimport sys\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return eval(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_importing_the_cli_imports_no_torch():
@@ -39,7 +41,7 @@ def test_deepspeed_still_learns_it_runs_on_the_cpu_before_it_is_imported():
             "assert 'DS_ACCELERATOR' not in os.environ\n"
             "import deepspeed\n"
             "print(os.environ.get('DS_ACCELERATOR'), torch.cuda.is_available())")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "DS_ACCELERATOR"}
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     accelerator, cuda = done.stdout.strip().splitlines()[-1].split()
