@@ -102,10 +102,12 @@ def train(ctx: typer.Context) -> None:
     `--cfg job`, choose directories with `hydra.run.dir=...` / `hydra.sweep.dir=...`, and a launcher with
     `hydra/launcher=submitit_local`. `rewardlab configs` lists the choices. The last line printed is
     `run dir: <path>`: metrics.jsonl, summary.json, config.yaml, rollouts/ and checkpoints/ are there.
-    `rewardlab train resume=<run dir>` continues a run (`run.iterations=N` extends it); on SIGTERM it exits
-    with code 75, on SIGINT (Ctrl-C) with 130, both resumable. A finished run's model is in `<run dir>/final/`.
+    `rewardlab train resume=<run dir>` continues a run (`run.iterations=N` extends it); on SIGTERM it finishes
+    and checkpoints the iteration in progress and exits with code 75, on SIGINT (Ctrl-C) with 130, both
+    resumable. `run.checkpoint_every=N` / `run.checkpoint_minutes=M` space the checkpoints out (large models).
+    A finished run's model is in `<run dir>/final/`.
     """
-    from rewardlab.checkpoint import resume_args
+    from rewardlab.resume import resume_args
     from rewardlab.distributed import run_dir_overrides
 
     with user_errors():

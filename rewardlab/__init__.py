@@ -1,7 +1,12 @@
-"""rewardlab: generate, score, filter and fine-tune LLM policies in iterations."""
+"""rewardlab: generate, score, filter and fine-tune LLM policies in iterations.
 
+Importing the package imports no torch: the CLI answers `--help`, `configs` and argument errors at once, and
+each command imports torch, transformers and TRL only where it uses them."""
+
+import importlib.abc
 import importlib.util
 import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -23,4 +28,16 @@ def _deepspeed_on_cpu() -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-_deepspeed_on_cpu()
+class _BeforeDeepSpeed(importlib.abc.MetaPathFinder):
+    """Runs `_deepspeed_on_cpu` when something first looks for DeepSpeed, rather than at import: deciding
+    needs torch (is there a GPU?), and importing torch here would cost every command, `--help` too, ~1 s."""
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ANN001 (importlib's signature)
+        if name == "deepspeed":
+            sys.meta_path.remove(self)
+            _deepspeed_on_cpu()
+        return None  # the ordinary finders import it
+
+
+if "deepspeed" not in sys.modules:
+    sys.meta_path.insert(0, _BeforeDeepSpeed())

@@ -1,4 +1,5 @@
-"""Checkpoints of the whole loop state at the end of every iteration, and resuming from them.
+"""Checkpoints of the whole loop state at the end of an iteration (every `run.checkpoint_every` iterations,
+every `run.checkpoint_minutes`, after the last one, and when a signal stops the run), and resuming from them.
 
 Layout under the run directory:
     checkpoints/iter_0003/policy/   `save_pretrained` of the policy (only the LoRA adapters for a PEFT
@@ -15,7 +16,9 @@ Layout under the run directory:
 A checkpoint is built in a temporary directory, synced, renamed into place, and only then named by
 `latest` (a new symlink renamed over the old one), so a crash or a full disk at any moment leaves the
 previous checkpoint intact. The weights go through transformers/peft `save_pretrained`; the rest of the loop
-state (sampler, algorithm carry-over, RNGs) is ours, so the container around it is written here.
+state (sampler, algorithm carry-over, RNGs) is ours, so the container around it is written here. `state.pt`
+holds only tensors and plain data (an algorithm's `state_dict()` too) and is read with `weights_only=True`, so
+resuming a run directory from elsewhere runs none of its code (which run to continue: resume.py).
 """
 
 from __future__ import annotations
@@ -23,17 +26,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import random
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import yaml
-from omegaconf import DictConfig, OmegaConf
 
 from rewardlab import distributed
 from rewardlab.distributed import Dist
@@ -51,6 +54,40 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+#: What `state.pt` may hold besides tensors and plain containers: numpy arrays (numpy's RNG state). Loading
+#: with `weights_only=True` and only these allowed means a run directory from elsewhere cannot run code.
+SAFE_GLOBALS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """`state.pt` read as data only (tensors, numbers, strings, containers, numpy arrays): a pickled
+    object that would run code on loading is refused with a UserError, and its code never runs."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _GLOBAL.search(str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{path} holds a pickled object that could run code{what}; rewardlab reads only tensors "
+                        f"and plain data from a checkpoint, so it will not resume from this file") from None
+
+
+#: The classes DeepSpeed pickles into its ZeRO optimizer files, which it loads itself with `weights_only=False`.
+DEEPSPEED_GLOBALS = {"deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.runtime.fp16.loss_scaler.LossScaler"}
+
+
+def check_deepspeed_files(folder: Path) -> None:
+    """Refuse DeepSpeed's files if their pickles name anything but tensors and DeepSpeed's known classes: they
+    are read (without running them) before DeepSpeed unpickles them, so a hostile file runs no code."""
+    for path in sorted(Path(folder).rglob("*.pt")):
+        unknown = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - DEEPSPEED_GLOBALS
+        if unknown:
+            raise UserError(f"{path} holds pickled objects that could run code ({', '.join(sorted(unknown))}); "
+                            f"rewardlab will not hand it to DeepSpeed")
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -135,6 +172,35 @@ def _link_or_copy(source: str, target: str) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+class Cadence:
+    """When an iteration is checkpointed: every `every` iterations (0: not by count), or once `minutes` have
+    passed since the last checkpoint (0: not by time), and always the last iteration. A run resumes from its
+    last checkpoint, so what it loses to a SIGKILL or a crash is the iterations since then (a SIGTERM or
+    SIGINT checkpoints the iteration in progress instead)."""
+
+    def __init__(self, every: int, minutes: float, last: int) -> None:
+        if every < 0 or minutes < 0:
+            raise UserError(f"run.checkpoint_every={every}, run.checkpoint_minutes={minutes}: give 0 (off) or a "
+                            f"positive number")
+        self.every, self.seconds, self.last = every, minutes * 60, last
+        self.since = time.monotonic()
+
+    def due(self, iteration: int) -> bool:
+        if iteration == self.last or (self.every and iteration % self.every == 0):
+            return True
+        return self.seconds > 0 and time.monotonic() - self.since >= self.seconds
+
+    def saved(self) -> None:
+        self.since = time.monotonic()
+
+
+def drop_rollouts_after(run_dir: Path, iteration: int) -> None:
+    """Remove rollout files of iterations after the checkpoint a run resumes from: they are recomputed."""
+    for path in (Path(run_dir) / "rollouts").glob("iter_*.parquet"):
+        if (found := re.match(r"iter_(\d+)\.parquet$", path.name)) and int(found.group(1)) > iteration:
+            path.unlink()
 
 
 class Checkpointer:
@@ -248,7 +314,7 @@ class Checkpointer:
         path = self.latest()
         if path is None:
             return None
-        state = torch.load(path / STATE, map_location="cpu", weights_only=False)  # our own file: RNG tuples
+        state = load_state(path / STATE)
         if state.get("format") != FORMAT:
             raise UserError(f"checkpoint {path} has format {state.get('format')}, this rewardlab reads {FORMAT}")
         with _no_progress_bars():
@@ -257,6 +323,7 @@ class Checkpointer:
         saved_optimizer = algo_state.get("optimizer") if isinstance(algo_state, dict) else None
         if isinstance(saved_optimizer, dict) and "deepspeed" in saved_optimizer:  # files beside state.pt
             saved_optimizer["deepspeed"] = str(path / saved_optimizer["deepspeed"])
+            check_deepspeed_files(Path(saved_optimizer["deepspeed"]))
         algo.load_state_dict(algo_state, policy)
         sampler.load_state_dict(state["sampler"])
         if len(state["rng"]) == self.dist.world_size:
@@ -269,83 +336,3 @@ class Checkpointer:
             warnings.warn(f"the run started from {state['policy_source']} but the policy now loads from "
                           f"{policy.source}; a KL reference or restart uses the latter")
         return int(state["iteration"])
-
-
-# ---- which run to continue --------------------------------------------------------------------
-
-
-def saved_config(run_dir: Path) -> DictConfig:
-    """The config a run directory was started with (its config.yaml), with schema defaults filled in."""
-    from rewardlab.config import TrainConfig
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise UserError(f"resume={run_dir}: no config.yaml there; point resume at a run directory "
-                        f"(the `run dir:` line a run prints)")
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
-
-
-def _plain(cfg: DictConfig) -> dict[str, Any]:
-    """The config as written to config.yaml (resolved; tuples as lists), without `resume`."""
-    out = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
-    out.pop("resume", None)
-    return out
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def _extend(saved: DictConfig, iterations: int, run_dir: Path) -> DictConfig:
-    """The run's own config with `run.iterations` raised to `iterations` (never lowered)."""
-    before = saved.run.iterations
-    if iterations < before:
-        raise UserError(f"run.iterations={iterations} is fewer than the {before} iterations {run_dir} was "
-                        f"run for; a run can only be extended (give a larger run.iterations)")
-    if iterations > before:
-        saved.run.iterations = iterations
-    return saved
-
-
-def resume_target(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path]:
-    """The config and directory to run: `resume=<dir>` continues that run with its own config; a rerun
-    into a directory that has a checkpoint (a SLURM requeue) continues it if the config is the same.
-    Either may raise `run.iterations` to extend the run; any other difference is refused."""
-    if cfg.get("resume"):
-        run_dir = Path(cfg.resume)
-        return _extend(saved_config(run_dir), cfg.run.iterations, run_dir), run_dir
-    if Checkpointer(run_dir).latest() is not None:
-        saved = saved_config(run_dir)
-        changed = [k for k in _differences(_plain(saved), _plain(cfg)) if k != "run.iterations"]
-        if changed:
-            raise UserError(f"{run_dir} holds a run with a different config ({', '.join(changed[:5])}); "
-                            f"continue it with `rewardlab train resume={run_dir}`, or choose a new hydra.run.dir")
-        _extend(saved, cfg.run.iterations, run_dir)  # refuses a smaller run.iterations
-    return cfg, run_dir
-
-
-def resume_args(args: list[str]) -> list[str]:
-    """Command-line arguments for `rewardlab train`: with `resume=<dir>`, Hydra runs in that directory
-    and writes no new .hydra/ record there; `run.iterations=N` may extend the run (without it the run's
-    own value is passed on), other config overrides are refused (the run's own config is used), Hydra's
-    own (`hydra.*`, `hydra/launcher=...`) pass."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    found = [a for a in args if a.startswith("resume=")]
-    if not found:
-        return args
-    run_dir = str(OverridesParser.create().parse_overrides(found[-1:])[0].value())
-    saved = saved_config(Path(run_dir))
-    settings = [a for a in args if "=" in a and not a.startswith(("-", "resume=", "hydra.", "hydra/", "+hydra"))]
-    others = [a for a in settings if not a.startswith("run.iterations=")]
-    if others:
-        raise UserError(f"resume={run_dir} continues the run with its own config.yaml (only run.iterations may "
-                        f"change, to extend it); drop {' '.join(others)} or start a new run")
-    if any(a.startswith("hydra.run.dir=") for a in args):
-        raise UserError(f"resume={run_dir} already sets the run directory; drop hydra.run.dir")
-    if len(settings) == len(others):  # no run.iterations given: the run's own horizon
-        args = [*args, f"run.iterations={saved.run.iterations}"]
-    quoted = run_dir.replace("\\", "\\\\").replace("'", "\\'")
-    return [*args, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null"]

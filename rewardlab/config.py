@@ -47,7 +47,9 @@ class RunConfig:
     save_rollouts: bool = True
     log_samples: int = 8  # rollouts shown in the W&B table each iteration
     name: Optional[str] = None  # run name for W&B; defaults to the run directory's name
-    keep_checkpoints: int = 2  # newest checkpoints kept under <run_dir>/checkpoints (one is written per iteration)
+    checkpoint_every: int = 1  # checkpoint every N iterations (0: not by count); the last one always
+    checkpoint_minutes: float = 0.0  # also once this many minutes passed since the last checkpoint (0: off)
+    keep_checkpoints: int = 2  # newest checkpoints kept under <run_dir>/checkpoints
     verbose: bool = False  # libraries' progress bars, info logs and deprecation warnings in the log
 
 

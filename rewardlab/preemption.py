@@ -1,12 +1,14 @@
 """Preemption and Ctrl-C: SLURM (and most schedulers) send SIGTERM shortly before killing a job; a user
 stops a run with SIGINT.
 
-Training turns either signal into a `Preempted` exception raised at once in the main thread, so the
-iteration in progress is abandoned and the run directory is left as the last checkpoint wrote it. A
-checkpoint being written when the signal arrives is finished first (it is seconds of work and saves an
-iteration). The CLI then prints how to resume and exits with `PREEMPTED_EXIT_CODE` after SIGTERM, distinct
-from success (0), a crash (1) and a user error (2), so a job script can requeue on it, and with
-`INTERRUPTED_EXIT_CODE` after SIGINT (the shell's 128 + 2). Python's `signal` module is all this needs.
+During the training loop either signal asks the run to stop at the end of the iteration in progress: it
+finishes that iteration, checkpoints it (whatever `run.checkpoint_every` says), and then raises
+`Preempted`, so a preempted run loses nothing it computed. A second signal before then stops at once,
+abandoning the iteration (the last checkpoint is intact; a checkpoint being written is finished first). Outside
+the loop (loading models) a signal raises `Preempted` at once. The CLI then prints how to resume and exits
+with `PREEMPTED_EXIT_CODE` after SIGTERM, distinct from success (0), a crash (1) and a user error (2), so a
+job script can requeue on it, and with `INTERRUPTED_EXIT_CODE` after SIGINT (the shell's 128 + 2). Python's
+`signal` module is all this needs.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ class Preempted(BaseException):
 
 
 class PreemptionGuard:
-    """While entered, SIGTERM and SIGINT raise `Preempted`; inside `deferred()` they wait until the block ends."""
+    """While entered, SIGTERM and SIGINT raise `Preempted`; inside `finishing()` the first one is only
+    recorded (`pending`), for the loop to act on at the end of its iteration, and a second raises; inside
+    `deferred()` they wait until the block ends, and it raises after the block if one came."""
 
     def __init__(self) -> None:
         self._previous: dict[int, object] = {}
-        self._deferring = False
+        self._deferring = self._finishing = False
         self._pending: int | None = None
         self._fired = False
 
@@ -57,18 +61,34 @@ class PreemptionGuard:
             signal.signal(signum, previous)
         self._previous = {}
 
+    @property
+    def pending(self) -> bool:
+        """Whether a signal asked the run to stop (and has not raised yet)."""
+        return self._pending is not None
+
     def _handle(self, signum: int, frame) -> None:
         if self._fired:  # already unwinding: let the cleanup (summary, W&B finish) complete
             return
-        if self._deferring:
-            self._pending = signum
+        if self._deferring or (self._finishing and self._pending is None):
+            self._pending = self._pending or signum
             return
         self._fired = True
-        raise Preempted(f"{signal.Signals(signum).name} received", signum)
+        again = " again: stopped at once, the iteration in progress abandoned" if self._pending else ""
+        raise Preempted(f"{signal.Signals(signum).name} received{again}", signum)
+
+    @contextlib.contextmanager
+    def finishing(self) -> Iterator[None]:
+        """The training loop: a first signal lets the iteration in progress finish (see `pending`)."""
+        self._finishing = True
+        try:
+            yield
+        finally:
+            self._finishing = False
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
-        """Run the block to the end even if a signal arrives; raise `Preempted` after it if one did."""
+        """Run the block to the end even if a signal arrives; raise `Preempted` after it if one did (or
+        had arrived before it, while `finishing`)."""
         self._deferring = True
         try:
             yield
@@ -77,4 +97,4 @@ class PreemptionGuard:
         if self._pending is not None:
             self._fired = True
             name = signal.Signals(self._pending).name
-            raise Preempted(f"{name} received while writing a checkpoint (the checkpoint completed)", self._pending)
+            raise Preempted(f"{name} received; stopped after the checkpoint completed", self._pending)

@@ -23,13 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from rewardlab import distributed, provenance, sharding
 from rewardlab.algos import SKIP_REASON, SKIPPED, AlgoContext, skipped
-from rewardlab.checkpoint import Checkpointer, resume_target
+from rewardlab.checkpoint import Cadence, Checkpointer, drop_rollouts_after
 from rewardlab.data.base import PromptSampler
 from rewardlab.diagnostics import hacking_metrics
 from rewardlab.errors import UserError
 from rewardlab.evaluation import eval_seed, evaluate
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.preemption import PreemptionGuard
+from rewardlab.resume import resume_target
 from rewardlab.answers import check
 from rewardlab.rollout import Batch
 from rewardlab.sampling import collect
@@ -136,6 +137,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
     dist = distributed.setup()
     launch.accept(run_dir, dist.is_main)
     distributed.check_sizes(dist, cfg.run.prompts_per_iteration, cfg.run.eval_size)
+    cadence = Cadence(cfg.run.checkpoint_every, cfg.run.checkpoint_minutes, cfg.run.iterations)
     sharded = sharding.from_launch() if dist.active else None  # an `accelerate launch` FSDP / DeepSpeed config
     console.quiet = not dist.is_main  # progress lines once, from rank 0
     setup_torch(cfg.run, dist.rank)
@@ -175,6 +177,8 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
     start = 0 if completed is None else completed + 1
     if completed is not None:
         console.print(f"resuming {run_dir} after iteration {completed} of {cfg.run.iterations}")
+        if dist.is_main:
+            drop_rollouts_after(run_dir, completed)
     metrics = MetricsFile(run_dir / "metrics.jsonl", resume_from=start)
     identity = provenance.sweep_identity(run_dir)  # a sweep's job: named by its overrides, grouped by sweep
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True),
@@ -195,6 +199,13 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
         row["time/score"] = row.get("time/score", 0.0) + time.perf_counter() - mark
         return batch
 
+    def checkpoint(iteration: int) -> None:
+        """Save when the cadence says so or a signal asked to stop (every rank agrees), then stop if one did."""
+        if distributed.any_rank(cadence.due(iteration) or guard.pending):
+            with guard.deferred():
+                checkpoints.save(iteration, policy, algo, sampler)
+            cadence.saved()
+
     def run_eval(iteration: int) -> dict[str, float]:
         began = time.perf_counter()
         with policy.full_weights():
@@ -204,7 +215,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
         return distributed.reduce_metrics(dist, out, weight=len(test_set))
 
     try:
-        with ProgressDisplay(cfg.run.iterations, start) as progress:
+        with ProgressDisplay(cfg.run.iterations, start) as progress, guard.finishing():
             if start == 0:
                 progress.stage(0, "eval")
                 row = {"iteration": 0, "world_size": dist.world_size, **run_eval(0)}
@@ -212,8 +223,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
                     metrics.append(row)
                 logger.log(row, step=0)
                 progress.done(row)
-                with guard.deferred():
-                    checkpoints.save(0, policy, algo, sampler)
+                checkpoint(0)
             for iteration in range(max(start, 1), cfg.run.iterations + 1):
                 began = time.perf_counter()
                 row: dict[str, Any] = {"iteration": iteration, "world_size": dist.world_size}
@@ -258,8 +268,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
                 logger.log(row, step=iteration)
                 logger.log_samples(batch, iteration, cfg.run.log_samples)
                 progress.done(row)
-                with guard.deferred():
-                    checkpoints.save(iteration, policy, algo, sampler)
+                checkpoint(iteration)
             with guard.deferred():
                 checkpoints.write_final()
     finally:

@@ -15,13 +15,14 @@ import torch
 from rewardlab import checkpoint as ckpt
 from rewardlab.algos import AlgoContext
 from rewardlab.algos.pg import PolicyGradient
-from rewardlab.checkpoint import Checkpointer, resume_args
+from rewardlab.checkpoint import Checkpointer
 from rewardlab.data.arith import ArithTask
 from rewardlab.data.base import PromptSampler
 from rewardlab.errors import UserError
 from rewardlab.generation.hf import HFGenerator
 from rewardlab.policy import load_policy
 from rewardlab.preemption import Preempted, PreemptionGuard
+from rewardlab.resume import resume_args
 from rewardlab.rewards.verifiable import VerifiableReward
 
 
@@ -100,12 +101,15 @@ class CarryOver:
 def test_whatever_an_algorithm_carries_across_iterations_round_trips(task, tmp_path):
     policy, _, sampler = components(task)
     anchor = HFGenerator(policy, sampling={"max_new_tokens": 8}).generate(sampler.sample(2), n=2)
-    carried = {"anchor": anchor, "previous_ranking": [[2, 0, 1], [0, 1, 2]], "reference": policy.source}
+    carried = {"anchor": {"prompt": anchor.prompt, "completions": anchor.completion, "reward": [0.5, float("nan")]},
+               "previous_ranking": [[2, 0, 1], [0, 1, 2]], "reference": policy.source,
+               "snapshot": {k: v.clone() for k, v in list(policy.model.state_dict().items())[:2]}}
     Checkpointer(tmp_path).save(0, policy, CarryOver(carried), sampler)
     algo = CarryOver()
-    Checkpointer(tmp_path).restore(policy, algo, sampler)
+    Checkpointer(tmp_path).restore(policy, algo, sampler)  # plain data and tensors: what weights_only loads
     assert algo.state["previous_ranking"] == carried["previous_ranking"]
-    assert algo.state["anchor"].completion == anchor.completion and algo.state["reference"] == policy.source
+    assert algo.state["anchor"]["completions"] == anchor.completion and algo.state["reference"] == policy.source
+    assert all(torch.equal(algo.state["snapshot"][k], v) for k, v in carried["snapshot"].items())
 
 
 def test_keeps_the_newest_n_and_latest_is_written_last(task, tmp_path):
@@ -199,38 +203,107 @@ def test_resume_args_run_hydra_in_the_run_dir_and_refuse_config_overrides(tmp_pa
         resume_args([f"resume={tmp_path / 'missing'}"])
 
 
+def _signal(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+    for _ in range(1000):  # the handler runs between bytecodes
+        pass
+
+
 def test_sigterm_raises_preempted_and_waits_for_a_checkpoint_being_written():
     before = signal.getsignal(signal.SIGTERM)
     with PreemptionGuard() as guard:
         with pytest.raises(Preempted):
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(1000):  # the handler runs between bytecodes
-                pass
+            _signal(signal.SIGTERM)
     finished = []
     with PreemptionGuard() as guard:
         with pytest.raises(Preempted, match="checkpoint completed"):
             with guard.deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(1000):
-                    pass
+                _signal(signal.SIGTERM)
                 finished.append(True)
     assert finished == [True]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_in_the_loop_a_signal_lets_the_iteration_finish_and_raises_after_its_checkpoint():
+    steps = []
+    with PreemptionGuard() as guard, guard.finishing():
+        _signal(signal.SIGTERM)
+        steps.append("rest of the iteration")  # not interrupted
+        assert guard.pending
+        with pytest.raises(Preempted, match="SIGTERM received; stopped after the checkpoint completed") as stopped:
+            with guard.deferred():
+                steps.append("checkpoint")
+    assert steps == ["rest of the iteration", "checkpoint"] and stopped.value.exit_code == 75
+    with PreemptionGuard() as guard, guard.finishing():  # a second signal (Ctrl-C twice) stops at once
+        _signal(signal.SIGINT)
+        with pytest.raises(Preempted, match="SIGINT received again: stopped at once") as stopped:
+            _signal(signal.SIGINT)
+    assert stopped.value.exit_code == 130
+    with PreemptionGuard() as guard, guard.finishing():
+        assert not guard.pending
+        with guard.deferred():
+            pass  # no signal: nothing raised
 
 
 def test_sigint_is_handled_like_sigterm_with_its_own_exit_code():
     before = signal.getsignal(signal.SIGINT)
     with PreemptionGuard() as guard:
         with pytest.raises(Preempted, match="SIGINT received") as stopped:
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):
-                pass
+            _signal(signal.SIGINT)
     assert stopped.value.exit_code == 130
     with PreemptionGuard() as guard:
-        with pytest.raises(Preempted, match="SIGINT received while writing a checkpoint") as stopped:
+        with pytest.raises(Preempted, match="SIGINT received; stopped after the checkpoint completed") as stopped:
             with guard.deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-                for _ in range(1000):
-                    pass
+                _signal(signal.SIGINT)
     assert stopped.value.exit_code == 130
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_cadence_counts_iterations_and_minutes_and_always_takes_the_last(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(ckpt.time, "monotonic", lambda: clock[0])
+    every5 = ckpt.Cadence(every=5, minutes=0, last=12)
+    assert [i for i in range(13) if every5.due(i)] == [0, 5, 10, 12]
+    timed = ckpt.Cadence(every=0, minutes=2, last=9)
+    assert not timed.due(1)
+    clock[0] += 119
+    assert not timed.due(2)
+    clock[0] += 1
+    assert timed.due(3)
+    timed.saved()
+    assert not timed.due(4) and timed.due(9)
+    with pytest.raises(UserError, match="run.checkpoint_every=-1"):
+        ckpt.Cadence(every=-1, minutes=0, last=3)
+
+
+class _WritesAFile:
+    """A pickled object whose loading would create `path` (what a hostile state.pt would do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_state_pt_that_would_run_code_is_refused_and_the_code_never_runs(task, tmp_path):
+    policy, algo, sampler = components(task)
+    store = Checkpointer(tmp_path / "run")
+    saved = store.save(0, policy, algo, sampler)
+    marker = tmp_path / "marker"
+    torch.save({"format": ckpt.FORMAT, "iteration": 0, "algo": _WritesAFile(marker)}, saved / ckpt.STATE)
+    with pytest.raises(UserError, match=r"state.pt holds a pickled object that could run code \(.*open\)"):
+        store.restore(policy, algo, sampler)
+    assert not marker.exists()
+
+
+def test_deepspeed_files_naming_anything_but_its_known_classes_are_refused_unrun(tmp_path):
+    folder = tmp_path / "deepspeed" / "zero"
+    folder.mkdir(parents=True)
+    torch.save({"optimizer_state_dict": {"state": {0: torch.zeros(2)}}, "ds_version": "0.18"}, folder / "optim.pt")
+    ckpt.check_deepspeed_files(tmp_path / "deepspeed")  # tensors and plain data pass
+    marker = tmp_path / "marker"
+    torch.save({"loss_scaler": _WritesAFile(marker)}, folder / "zero_pp_rank_1_optim_states.pt")
+    with pytest.raises(UserError, match=r"zero_pp_rank_1_optim_states.pt holds pickled objects that could run code"):
+        ckpt.check_deepspeed_files(tmp_path / "deepspeed")
+    assert not marker.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,12 +40,19 @@ def latest(run_dir: Path) -> str:
     return Path(os.readlink(marker)).parent.name if marker.is_symlink() else ""
 
 
-def start_and_wait(cmd: list[str], run_dir: Path, checkpoint: str, env: dict) -> subprocess.Popen:
-    """Start a run in its own process group and return once `checkpoint` is the latest: mid-iteration."""
+def logged(run_dir: Path) -> int:
+    """The last iteration in metrics.jsonl (-1 before the first)."""
+    path = run_dir / "metrics.jsonl"
+    return max((r["iteration"] for r in rows(run_dir)), default=-1) if path.exists() else -1
+
+
+def start_and_wait(cmd: list[str], run_dir: Path, checkpoint: str, env: dict, after: int = -1) -> subprocess.Popen:
+    """Start a run in its own process group and return once `checkpoint` is the latest and iteration `after`
+    is in metrics.jsonl: mid-iteration."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     deadline = time.monotonic() + 240
-    while latest(run_dir) != checkpoint:
+    while latest(run_dir) != checkpoint or logged(run_dir) < after:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the run never reached the checkpoint"
         time.sleep(0.01)
@@ -109,6 +117,61 @@ def test_sigint_exits_130_with_the_last_checkpoint_intact_and_resumes(uninterrup
                              capture_output=True, text=True, env=environment())
     assert resumed.returncode == 0, resumed.stderr
     assert rows(tmp_path) == uninterrupted and (tmp_path / "final" / "model.safetensors").exists()
+
+
+EVERY5 = ("run.iterations=7", "run.checkpoint_every=5", "logger=none")
+
+
+@pytest.fixture(scope="module")
+def every5(tiny_policy, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """An uninterrupted 7-iteration run checkpointed at iterations 0, 5 and 7 (the last)."""
+    run_dir = tmp_path_factory.mktemp("every5")
+    subprocess.run(command(run_dir, *EVERY5), check=True, capture_output=True, env=environment())
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0005", "iter_0007"]
+    return run_dir, rows(run_dir)
+
+
+def test_sigkill_between_checkpoints_recomputes_the_lost_iterations_exactly(every5, tmp_path):
+    proc = start_and_wait(command(tmp_path, *EVERY5), tmp_path, "iter_0005", environment(), after=6)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert logged(tmp_path) in (6, 7) and latest(tmp_path) == "iter_0005"  # iteration 6 is past the checkpoint
+
+    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={tmp_path}"],
+                             capture_output=True, text=True, env=environment())
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "after iteration 5 of 7" in resumed.stderr
+    assert rows(tmp_path) == every5[1]  # rows 6.. dropped and recomputed: no duplicate, same numbers
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == [f"iter_{i:04d}.parquet" for i in range(1, 8)]
+
+
+def test_sigterm_between_checkpoints_finishes_the_iteration_checkpoints_it_and_exits_75(every5, tmp_path):
+    proc = start_and_wait(command(tmp_path, *EVERY5), tmp_path, "iter_0005", environment(), after=5)
+    os.killpg(proc.pid, signal.SIGTERM)  # during iteration 6, which the cadence would not checkpoint
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr
+    assert "stopped after the checkpoint completed" in stderr and "Traceback" not in stderr
+    assert latest(tmp_path) == "iter_0006" and logged(tmp_path) == 6  # the iteration in progress is kept
+
+    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={tmp_path}"],
+                             capture_output=True, text=True, env=environment())
+    assert resumed.returncode == 0, resumed.stderr
+    assert "after iteration 6 of 7" in resumed.stderr and rows(tmp_path) == every5[1]
+
+
+def test_resume_refuses_a_state_pt_that_would_run_code_and_runs_none_of_it(every5, tmp_path):
+    run_dir = tmp_path / "copied"
+    shutil.copytree(every5[0], run_dir, symlinks=True)  # a run directory from a shared disk
+    marker = tmp_path / "marker"
+    payload = (f"import torch\nclass Evil:\n    def __reduce__(self):\n        return (open, ({str(marker)!r}, 'w'))\n"
+               f"torch.save({{'format': 1, 'iteration': 7, 'algo': Evil()}}, {str(run_dir / 'checkpoints/iter_0007/state.pt')!r})")
+    subprocess.run([sys.executable, "-c", payload], check=True)
+    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={run_dir}", "run.iterations=8"],
+                             capture_output=True, text=True, env=environment())
+    assert resumed.returncode == 2, resumed.stderr
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could run code" in errors[0] and "Traceback" not in resumed.stderr
+    assert not marker.exists()
 
 
 def test_wandb_unreachable_with_a_key_continues_offline(tiny_policy, tmp_path):
