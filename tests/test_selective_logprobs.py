@@ -61,3 +61,27 @@ def test_blocks_cover_the_grid_once_within_the_budget(monkeypatch):
             block = len(range(n)[rows]) * len(range(C)[cols]) * V
             assert block <= max(1000, V)
         assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_keeps_only_the_logits_themselves(dtype):
+    """What autograd saves for backward: the logits (no copy), the targets and one fp32 value per position;
+    the full formula also kept an fp32 (rows, tokens, vocabulary) log_softmax."""
+    n, C, V = 2, 6, 1000
+    logits = torch.randn(n, C + 1, V, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, V, (n, C))
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        losses.selective_logprobs(logits, targets, 0.7, with_entropy=True)
+    large = [s for s in saved if s.numel() >= n * C * V]
+    assert len(large) == 1 and large[0].data_ptr() == logits.data_ptr() and large[0].dtype == dtype
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        full_formula(logits, targets, 0.7)
+    assert any(s.numel() >= n * C * V and s.dtype == torch.float32 and s.data_ptr() != logits.data_ptr()
+               for s in saved)  # the check above can fail: the old formula trips it
