@@ -184,8 +184,8 @@ def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
 
     device = next(model.parameters()).device
     # torch 2.13 renamed broadcast_buffers (older releases know only that name)
-    buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
-        else "broadcast_buffers"
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    buffers = "forward_sync_buffers" if renamed else "broadcast_buffers"
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    gradient_as_bucket_view=True, **{buffers: False})
 
