@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from rewardlab.algos import AlgoContext, skipped
 from rewardlab.algos.advantages import ESTIMATORS, process
@@ -241,7 +242,9 @@ class PolicyGradient:
 
     def _step(self, model, t: Tensors, rows: torch.Tensor, adv, old, ref, mask) -> dict[str, float]:
         cfg = self.cfg
-        self.optimizer.zero_grad(set_to_none=True)
+        # under DDP the gradients are views into its all-reduce buckets: zeroed in place they stay there, and
+        # micro-batches accumulate into them (one copy of the gradients); elsewhere they are freed
+        self.optimizer.zero_grad(set_to_none=not isinstance(model, DistributedDataParallel))
         n_seqs, n_tokens = len(rows), float(mask[rows].sum())
         totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
         micro_rows = self._micro_rows(t)
