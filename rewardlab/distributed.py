@@ -1,20 +1,22 @@
 """Data-parallel training across processes started by `torchrun` or `accelerate launch`.
 
 accelerate's PartialState reads the launcher's environment, picks the backend (gloo on CPU, NCCL on
-GPUs) and the process's device. What no library does for a loop that owns its own generation is here:
-sharding prompts by rank with every group kept whole on one rank, averaging gradients before the
-optimizer step, reducing a metrics row over ranks, and gathering what rank 0 alone writes.
+GPUs) and the process's device; torch's DistributedDataParallel averages the gradients (`data_parallel`).
+What no library does for a loop that owns its own generation is here: sharding prompts by rank with every
+group kept whole on one rank, reducing a metrics row over ranks, and gathering what rank 0 alone writes.
 With one process every helper is a no-op, so run.py reads the same either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -93,7 +95,7 @@ def check_sizes(dist: Dist, prompts_per_iteration: int, eval_size: int) -> None:
 
 
 def check_algorithm(dist: Dist, algo: Any) -> None:
-    """Data parallelism is wired into the native policy-gradient update (its gradients are all-reduced);
+    """Data parallelism is wired into the native policy-gradient update (its model trains under DDP);
     the TRL-backed algorithms shard and synchronise on their own terms, so they run in one process."""
     from rewardlab.algos.pg import PolicyGradient
 
@@ -169,30 +171,33 @@ def any_rank(flag: bool) -> bool:
     return any(flags)
 
 
-def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
-    """Average `.grad` over ranks, one flattened all-reduce per dtype, before clipping and the optimizer
-    step, so every rank applies the same update and clipping sees the global gradient's norm.
-    Sharded (FSDP) parameters are skipped: their backward already reduce-scattered the gradients."""
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in torch's DistributedDataParallel when several processes each hold a whole replica (no
+    FSDP or DeepSpeed): its backward averages gradients over ranks in buckets while later layers still
+    run, so every rank applies the same update and clipping sees the global norm. Only parameters that
+    require grad take part (LoRA: the adapters). Gradients live in the buckets (no second copy), and
+    buffers are not broadcast on each forward, so ranks may run different numbers of micro-batches
+    (each all-reduces once, on its last: see `no_sync`). One process: the model itself."""
     if not (torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
-        return
-    from torch.distributed.tensor import DTensor
+        return model
+    from torch.nn.parallel import DistributedDataParallel
 
-    world = torch_dist.get_world_size()
-    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p in parameters:
-        if p.requires_grad and not isinstance(p, DTensor):
-            if p.grad is None:  # a parameter unused on this rank still joins the collective
-                p.grad = torch.zeros_like(p)
-            by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for params in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        torch_dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-            offset += n
+    device = next(model.parameters()).device
+    # torch 2.13 renamed broadcast_buffers (older releases know only that name)
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    buffers = "forward_sync_buffers" if renamed else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, **{buffers: False})
+
+
+def no_sync(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Around a micro-batch's forward and backward: DDP accumulates locally unless it is the optimizer
+    step's `last` micro-batch, whose backward all-reduces the summed gradients once."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if last or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 @torch.no_grad()

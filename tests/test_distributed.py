@@ -76,14 +76,19 @@ def _collectives_worker(rank: int, port: int, out: str) -> None:
 
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     dist = distributed.Dist(rank=rank, world_size=2, device="cpu")
-    param = torch.nn.Parameter(torch.zeros(3))
-    param.grad = torch.full((3,), float(rank + 1))
-    unused = torch.nn.Parameter(torch.zeros(2))  # no grad on this rank: joins as zeros
-    distributed.all_reduce_gradients([param, unused])
+    torch.manual_seed(rank)  # different initial weights: DDP starts every rank from rank 0's
+    model = torch.nn.Linear(3, 1, bias=False)
+    frozen = torch.nn.Linear(1, 1, bias=False).requires_grad_(False)  # no gradient: takes no part in the reduction
+    trained = distributed.data_parallel(torch.nn.Sequential(model, frozen))
+    steps = [[1.0, 2.0], [5.0]][rank]  # unequal micro-batch counts; each rank reduces on its last
+    for index, x in enumerate(steps):
+        with distributed.no_sync(trained, last=index == len(steps) - 1):
+            trained(torch.full((1, 3), x)).sum().backward()
     row = distributed.reduce_metrics(dist, {"iteration": 1, "reward/mean": float(rank), "time/update": rank + 1.0,
                                             "rollouts": 4.0})
     minibatched = types.SimpleNamespace(cfg=types.SimpleNamespace(minibatch_size=8))
-    seen = {"grad": param.grad.tolist(), "unused": unused.grad.tolist(), "row": row,
+    seen = {"grad": model.weight.grad.tolist(), "w2": frozen.weight.item(), "frozen": frozen.weight.grad,
+            "wrapped": type(trained).__name__, "row": row,
             "skip_if_one_rank_is_empty": distributed.should_update(dist, minibatched, [0, 5][rank]),
             "equal_counts": distributed.should_update(dist, minibatched, 5)}
     try:
@@ -94,13 +99,15 @@ def _collectives_worker(rank: int, port: int, out: str) -> None:
     torch_dist.destroy_process_group()
 
 
-def test_collectives_average_gradients_reduce_rows_and_agree_on_skipping(tmp_path: Path):
+def test_ddp_averages_accumulated_gradients_and_collectives_reduce_rows_and_agree_on_skipping(tmp_path: Path):
     import torch.multiprocessing as mp
 
     mp.spawn(_collectives_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     assert seen[0] == seen[1]  # every rank ends with the same gradients, row and decisions
-    assert seen[0]["grad"] == [1.5, 1.5, 1.5] and seen[0]["unused"] == [0.0, 0.0]
+    # d/dW1 of w2 * W1 x, x = (v, v, v): rank 0 accumulates (1 + 2) * w2, rank 1 5 * w2; both get the mean
+    assert seen[0]["wrapped"] == "DistributedDataParallel" and seen[0]["frozen"] is None
+    assert seen[0]["grad"][0] == pytest.approx([4.0 * seen[0]["w2"]] * 3)
     assert seen[0]["row"] == {"iteration": 1, "reward/mean": 0.5, "time/update": 2.0, "rollouts": 8.0}
     assert seen[0]["skip_if_one_rank_is_empty"] is False and seen[0]["equal_counts"] is True
     assert "algo.minibatch_size=0" in seen[0]["unequal_minibatched"]

@@ -1,6 +1,7 @@
 """The policy-gradient update: token-level advantages in the loss, gradient accumulation that equals the
 full-batch gradient for every aggregation, process credit end to end through `update`, settings checks."""
 
+import copy
 import math
 
 import pytest
@@ -114,3 +115,15 @@ def test_learning_rate_schedule():
     algo = PolicyGradient(AlgoContext(total_iterations=4), lr_schedule="cosine")
     algo.updates = 2
     assert algo.lr_factor() == pytest.approx(0.5)
+
+
+def test_the_reference_policy_is_built_only_when_the_kl_term_is_on(small_policy, monkeypatch):
+    """beta = 0: no reference model is loaded or run (a second full copy of the weights for nothing)."""
+    batch = make_batch(small_policy, ["1+2", "1+2"], ["1+2=3", "4"], rewards=[1.0, 0.0])
+    built = []
+    monkeypatch.setattr(Policy, "load_fresh", lambda self: built.append(1) or copy.deepcopy(small_policy.model))
+    out = grads_after_update(small_policy, batch, beta=0.0)[1]
+    assert not built and small_policy._reference is None and "kl" not in out
+    out = grads_after_update(small_policy, batch, beta=0.1)[1]
+    assert built == [1] and out["kl"] == pytest.approx(0.0, abs=1e-6)  # lr 0: the reference equals the policy
+    small_policy._reference = None

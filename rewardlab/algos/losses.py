@@ -44,21 +44,83 @@ def to_tensors(batch: Batch, pad_id: int, device: torch.device) -> Tensors:
     return Tensors(input_ids, attention, positions, torch.tensor(cmask, device=device, dtype=torch.float), C)
 
 
+CHUNK_ELEMENTS = 1 << 25  # logits elements (rows x tokens x vocabulary) handled at once: 128 MB in fp32
+
+
+def _blocks(n: int, C: int, V: int) -> list[tuple[slice, slice]]:
+    """(rows, tokens) blocks of an (n, C, V) tensor of about CHUNK_ELEMENTS each: whole rows when they fit,
+    else runs of tokens of one row (a 1,024-token row at a 151,936-word vocabulary is 622 MB in fp32)."""
+    tokens = max(1, min(C, CHUNK_ELEMENTS // V))
+    rows = max(1, CHUNK_ELEMENTS // (tokens * V)) if tokens == C else 1
+    return [(slice(r, min(r + rows, n)), slice(c, min(c + tokens, C)))
+            for r in range(0, n, rows) for c in range(0, C, tokens)]
+
+
+def _forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per position: the target's log-prob, the logsumexp (for backward) and optionally the entropy."""
+    n, C, V = logits.shape[0], logits.shape[1] - 1, logits.shape[2]
+    logps = torch.empty(n, C, device=logits.device, dtype=torch.float32)
+    lse = torch.empty_like(logps)
+    ent = torch.empty_like(logps) if entropy else None
+    with torch.no_grad():
+        for rows, cols in _blocks(n, C, V):
+            z = logits[rows, cols].float() / temperature
+            lse[rows, cols] = z.logsumexp(-1)
+            logps[rows, cols] = z.gather(-1, targets[rows, cols].unsqueeze(-1)).squeeze(-1) - lse[rows, cols]
+            if ent is not None:
+                logp = z.sub_(lse[rows, cols].unsqueeze(-1))
+                ent[rows, cols] = -(logp.exp() * logp).sum(-1)
+    return logps, lse, ent
+
+
+class SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(logits / T) at `targets`, block by block in fp32 (logsumexp and gather, as TRL's
+    `selective_log_softmax` and verl's `logprobs_from_logits`): no full-vocabulary copy of the logits in
+    either pass. `logits` is (n, C + 1, V) as the model returns it (position t predicts token t + 1); the
+    backward writes the gradient (one-hot minus softmax, over T) straight into one tensor of the logits'
+    shape and dtype. With `entropy`, also each position's entropy (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
+        logps, lse, ent = _forward(logits, targets, temperature, entropy)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature = temperature
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return logps, ent
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_entropy: torch.Tensor | None):
+        logits, targets, lse = ctx.saved_tensors
+        n, C, V = logits.shape[0], logits.shape[1] - 1, logits.shape[2]
+        out = torch.zeros_like(logits)
+        for rows, cols in _blocks(n, C, V):
+            g = grad[rows, cols].unsqueeze(-1) / ctx.temperature
+            p = (logits[rows, cols].float() / ctx.temperature).sub_(lse[rows, cols].unsqueeze(-1)).exp_()
+            out[rows, cols] = p.mul_(-g).scatter_add_(-1, targets[rows, cols].unsqueeze(-1), g).to(out.dtype)
+        return out, None, None, None
+
+
+def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 log-probs (n, C) of `targets` (n, C) under logits (n, C + 1, V) / temperature, and optionally
+    the per-position entropy; equal to log_softmax + gather without its (n, C, V) fp32 copies."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return SelectiveLogSoftmax.apply(logits, targets, temperature, with_entropy)
+    logps, _, ent = _forward(logits, targets, temperature, with_entropy)
+    return logps, ent
+
+
 def token_logprobs(model, t: Tensors, rows: torch.Tensor | slice, temperature: float,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (n, C) of the completion tokens under `model`, and optionally per-token entropy."""
+    """Log-probs (n, C) of the completion tokens under `model`, and optionally per-token entropy. The model
+    returns logits for the last C + 1 positions only; the only (n, C + 1, V) tensors are those logits (kept
+    for backward) and, in backward, their gradient."""
     C = t.completion_width
-    out = model(input_ids=t.input_ids[rows], attention_mask=t.attention_mask[rows],
-                position_ids=t.position_ids[rows], logits_to_keep=C + 1)
-    logits = out.logits[:, :-1].float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    targets = t.input_ids[rows][:, -C:]
-    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logps, entropy
+    logits = model(input_ids=t.input_ids[rows], attention_mask=t.attention_mask[rows],
+                   position_ids=t.position_ids[rows], logits_to_keep=C + 1).logits
+    return selective_logprobs(logits, t.input_ids[rows][:, -C:], temperature, with_entropy)
 
 
 def clipped_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from rewardlab.algos import AlgoContext, skipped
 from rewardlab.algos.advantages import ESTIMATORS, process
 from rewardlab.algos.losses import Tensors, aggregate, clipped_loss, to_tensors, token_logprobs
 from rewardlab.config import schema
-from rewardlab.distributed import all_reduce_gradients, any_rank
+from rewardlab.distributed import any_rank, data_parallel, no_sync
 from rewardlab.errors import UserError
 from rewardlab.sharding import DeepSpeed, is_sharded, load_optimizer_state, micro_steps, optimizer_state
 from rewardlab.rollout import Batch
@@ -103,6 +104,7 @@ class PolicyGradient:
         self.generator = torch.Generator().manual_seed(context.seed)
         self.optimizer: torch.optim.Optimizer | None = None
         self._model: torch.nn.Module | None = None
+        self._trained: torch.nn.Module | None = None  # what the training passes run through (DDP, DeepSpeed)
         self._deepspeed: DeepSpeed | None = None  # set when a DeepSpeed launch owns the optimizer
         self._saved_optimizer: dict[str, Any] | None = None  # restored, applied when the optimizer is built
 
@@ -130,6 +132,11 @@ class PolicyGradient:
                                 "under the DeepSpeed config and number of processes that wrote it")
             elif saved is not None:
                 load_optimizer_state(policy.model, self.optimizer, saved)
+            if self._deepspeed is not None:
+                self._trained = self._deepspeed.engine
+            elif self._trained is None:  # once (a resume rebuilds the optimizer over the same model)
+                # FSDP reduces in its own backward; whole replicas on several ranks train under DDP
+                self._trained = policy.model if is_sharded(policy.model) else data_parallel(policy.model)
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank calls it (under FSDP the optimizer state is gathered to rank 0, keyed by name;
@@ -209,7 +216,7 @@ class PolicyGradient:
         ref = self._ref_logprobs(policy, t) if cfg.beta > 0 else None
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * self.lr_factor()
-        trained = self._deepspeed.engine if self._deepspeed is not None else model  # forward through the engine
+        trained = self._trained  # forward through the engine (DDP, DeepSpeed); decoding uses policy.model
         trained.train()
         sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
         steps = 0
@@ -235,7 +242,9 @@ class PolicyGradient:
 
     def _step(self, model, t: Tensors, rows: torch.Tensor, adv, old, ref, mask) -> dict[str, float]:
         cfg = self.cfg
-        self.optimizer.zero_grad(set_to_none=True)
+        # under DDP the gradients are views into its all-reduce buckets: zeroed in place they stay there, and
+        # micro-batches accumulate into them (one copy of the gradients); elsewhere they are freed
+        self.optimizer.zero_grad(set_to_none=not isinstance(model, DistributedDataParallel))
         n_seqs, n_tokens = len(rows), float(mask[rows].sum())
         totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
         micro_rows = self._micro_rows(t)
@@ -247,15 +256,16 @@ class PolicyGradient:
             start, weight = (starts[index], 1.0) if index < len(starts) else (0, 0.0)
             micro = rows[start : start + micro_rows]
             m = mask[micro]
-            logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=True)
-            old_logps = logps.detach() if old is None else old[micro]
-            token_loss, stats = clipped_loss(logps, old_logps, adv[micro], m, cfg.eps_low, cfg.eps_high,
-                                             cfg.beta, None if ref is None else ref[micro])
-            loss = aggregate(token_loss, m, cfg.loss_agg, n_seqs, n_tokens, self.max_new_tokens)
-            if self._deepspeed is not None:
-                self._deepspeed.backward(loss * weight, last=index == padded - 1)
-            else:
-                (loss * weight).backward()
+            with no_sync(model, last=index == padded - 1):  # DDP all-reduces on the last micro-batch only
+                logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=True)
+                old_logps = logps.detach() if old is None else old[micro]
+                token_loss, stats = clipped_loss(logps, old_logps, adv[micro], m, cfg.eps_low, cfg.eps_high,
+                                                 cfg.beta, None if ref is None else ref[micro])
+                loss = aggregate(token_loss, m, cfg.loss_agg, n_seqs, n_tokens, self.max_new_tokens)
+                if self._deepspeed is not None:
+                    self._deepspeed.backward(loss * weight, last=index == padded - 1)
+                else:
+                    (loss * weight).backward()
             if weight == 0.0:
                 continue
             totals["loss"] += float(loss.detach())
@@ -266,7 +276,6 @@ class PolicyGradient:
         if self._deepspeed is not None:  # DeepSpeed reduces, clips and steps
             totals["grad_norm"] = self._deepspeed.step()
             return totals
-        all_reduce_gradients(model.parameters())  # data parallel: average over ranks (no-op in one process or FSDP)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         self.optimizer.step()
         totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor

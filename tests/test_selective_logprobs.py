@@ -1,0 +1,87 @@
+"""Chunked selective log-softmax (losses.py) equals the full log_softmax formula it replaced, in value,
+entropy and gradient, for fp32 and bf16 logits and for every way the blocks cut the (rows, tokens) grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rewardlab.algos import losses
+
+
+def full_formula(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """The formula before chunking: a full fp32 log_softmax over the vocabulary, then gather."""
+    logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logps, -(logp_all.exp() * logp_all).sum(-1).detach()
+
+
+@pytest.mark.parametrize("chunk", [1 << 25, 3 * 50, 7 * 50, 50])  # whole tensor, rows of 3 / 7 tokens, one position
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_values_entropy_and_gradients_equal_the_full_log_softmax(monkeypatch, chunk, dtype, tol):
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(0)
+    n, C, V, temperature = 3, 7, 50, 0.7
+    base = (torch.randn(n, C + 1, V, generator=gen) * 4).to(dtype)
+    targets = torch.randint(0, V, (n, C), generator=gen)
+    weights = torch.randn(n, C, generator=gen)  # an arbitrary upstream gradient
+
+    ours = base.clone().requires_grad_(True)
+    logps, entropy = losses.selective_logprobs(ours, targets, temperature, with_entropy=True)
+    (logps * weights).sum().backward()
+    theirs = base.clone().requires_grad_(True)
+    ref_logps, ref_entropy = full_formula(theirs, targets, temperature)
+    (ref_logps * weights).sum().backward()
+
+    assert logps.dtype == torch.float32 and not entropy.requires_grad
+    torch.testing.assert_close(logps, ref_logps, atol=tol, rtol=tol)
+    torch.testing.assert_close(entropy, ref_entropy, atol=tol, rtol=tol)
+    assert ours.grad.dtype == dtype and not ours.grad[:, -1].any()  # the last position predicts nothing
+    # bf16 gradients: both round the same fp32 value once, so they may differ by one bf16 step
+    grad_tol = tol if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours.grad.float(), theirs.grad.float(), atol=grad_tol, rtol=grad_tol)
+
+
+def test_no_grad_passes_match_and_keep_nothing():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 11, generator=gen)
+    targets = torch.randint(0, 11, (2, 4), generator=gen)
+    with torch.no_grad():
+        logps, entropy = losses.selective_logprobs(logits, targets, 1.3)
+    assert entropy is None and logps.grad_fn is None
+    torch.testing.assert_close(logps, full_formula(logits, targets, 1.3)[0])
+
+
+def test_blocks_cover_the_grid_once_within_the_budget(monkeypatch):
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 1000)
+    for n, C, V in [(5, 9, 100), (4, 3, 100), (2, 1, 5000), (6, 40, 7)]:
+        seen = torch.zeros(n, C, dtype=torch.int)
+        for rows, cols in losses._blocks(n, C, V):
+            seen[rows, cols] += 1
+            block = len(range(n)[rows]) * len(range(C)[cols]) * V
+            assert block <= max(1000, V)
+        assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_keeps_only_the_logits_themselves(dtype):
+    """What autograd saves for backward: the logits (no copy), the targets and one fp32 value per position;
+    the full formula also kept an fp32 (rows, tokens, vocabulary) log_softmax."""
+    n, C, V = 2, 6, 1000
+    logits = torch.randn(n, C + 1, V, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, V, (n, C))
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        losses.selective_logprobs(logits, targets, 0.7, with_entropy=True)
+    large = [s for s in saved if s.numel() >= n * C * V]
+    assert len(large) == 1 and large[0].data_ptr() == logits.data_ptr() and large[0].dtype == dtype
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        full_formula(logits, targets, 0.7)
+    assert any(s.numel() >= n * C * V and s.dtype == torch.float32 and s.data_ptr() != logits.data_ptr()
+               for s in saved)  # the check above can fail: the old formula trips it
