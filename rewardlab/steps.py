@@ -112,7 +112,9 @@ def aggregate_steps(scores: Sequence[float], how: str, empty: float = 0.0) -> fl
         return out
     if how == "mean":
         return sum(scores) / len(scores)
-    return sum(scores)
+    if how == "sum":
+        return sum(scores)
+    raise UserError(f"reward.aggregate={how!r} is not one of min, last, prod, mean, sum")
 
 
 def process_metrics(batch: Batch, wrong_below: float = 0.5) -> dict[str, float]:

@@ -7,7 +7,8 @@ import torch
 from reward_fixtures import make_batch, save_tiny
 
 from rewardlab.errors import UserError
-from rewardlab.rewards.prm import PRMReward, aggregate_steps
+from rewardlab.rewards.prm import PRMReward
+from rewardlab.steps import aggregate_steps
 
 PROMPTS = ["17+5=?\n", "3+4+10=?\n", "1+1=?\n"]
 COMPLETIONS = ["17+5=22\n#### 22", "3+4=7\n7+10=17\n#### 17", ""]

@@ -19,7 +19,6 @@ Written here because no maintained library scores PRMs across these formats (TRL
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,7 +29,7 @@ from rewardlab.errors import UserError
 from rewardlab.rewards.base import Reward
 from rewardlab.rewards.tiny_prm import TinyPRMBuild, ensure_tiny_prm
 from rewardlab.rollout import Batch
-from rewardlab.steps import StepSplit
+from rewardlab.steps import StepSplit, aggregate_steps
 
 FORMATS = ("math_shepherd", "qwen_prm", "token_classification")
 DEFAULT_TAGS = {"math_shepherd": "ки", "qwen_prm": "<extra_0>", "token_classification": "\n"}
@@ -38,19 +37,7 @@ SCALES = ("prob", "signed")
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def aggregate_steps(scores: list[float], how: str) -> float:
-    """One number from step scores: `min`, `last`, `prod` or `mean` (0.0 when there are no steps)."""
-    if how not in ("min", "last", "prod", "mean"):
-        raise UserError(f"reward.aggregate={how!r} is not one of min, last, prod, mean")
-    if not scores:
-        return 0.0
-    if how == "min":
-        return min(scores)
-    if how == "last":
-        return scores[-1]
-    if how == "prod":
-        return math.prod(scores)
-    return sum(scores) / len(scores)
+AGGREGATES = ("min", "last", "prod", "mean")
 
 
 @schema("reward", "prm")
@@ -115,7 +102,8 @@ class PRMReward(Reward):
         if format not in ("auto", *FORMATS):
             raise UserError(f"reward.format={format!r} is not a known PRM format; use auto or one of "
                             f"{', '.join(FORMATS)}")
-        aggregate_steps([], aggregate)
+        if aggregate not in AGGREGATES:
+            raise UserError(f"reward.aggregate={aggregate!r} is not one of {', '.join(AGGREGATES)}")
         if scale not in SCALES:
             raise UserError(f"reward.scale={scale!r} is not one of {', '.join(SCALES)}")
         self.scale = scale
