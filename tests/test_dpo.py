@@ -210,3 +210,23 @@ def test_cream_self_labels_the_rewards_agreement_with_the_policys_own_implicit_r
         assert pair.chosen == batch.completion[rows[0]]  # the run's reward (correctness) ranks
         tau = kendall_tau([batch.reward[i] for i in rows], [implicit[i] for i in rows])
         assert pair.label == pytest.approx((tau + 1) / 2, abs=1e-4)
+
+
+@pytest.mark.parametrize("reference", ["initial", "previous"])
+def test_dpo_trains_a_lora_policy_against_a_plain_reference(tiny_policy, reference):
+    """TRL runs the reference through a fused LM-head forward that a PEFT wrapper breaks
+    ('CausalLMOutputWithPast' has no 'last_hidden_state'): the reference is the merged model."""
+    from rewardlab.policy import load_policy
+
+    lora = load_policy(device="cpu", lora={"r": 4}, log=lambda *_: None)
+    algo = IterativeDPO(AlgoContext(seed=0), lr=1e-2, epochs=2, batch_size=2, reference=reference)
+    batch = scored(make_batch(lora.tokenizer, {"2+3": ["2+3=5\n#### 5", "2+3=6\n#### 6"],
+                                               "1+4": ["1+4=5\n#### 5", "1+4=9\n#### 9"]}))
+    adapters = {n: p.detach().clone() for n, p in lora.model.named_parameters() if p.requires_grad}
+    m = algo.update(lora, batch)
+    assert m["pairs/built"] == 2 and "loss" in m and "update/skipped" not in m
+    after = dict(lora.model.named_parameters())
+    assert any(not torch.equal(adapters[n], after[n]) for n in adapters)  # the adapters trained
+    if reference == "initial":  # the merged initial model is the base: adapters start at zero effect
+        base = dict(tiny_policy.model.named_parameters())
+        assert all(torch.equal(p, base[n]) for n, p in algo.initial.named_parameters())

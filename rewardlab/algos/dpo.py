@@ -129,13 +129,13 @@ class IterativeDPO:
     # ---- references ------------------------------------------------------------------------------
     def _initial(self, policy) -> torch.nn.Module:
         if self.initial is None:
-            self.initial = policy.load_fresh().eval().requires_grad_(False)
+            self.initial = _merged(policy.load_fresh()).eval().requires_grad_(False)
         return self.initial
 
     def _reference(self, policy) -> torch.nn.Module:
         if self.cfg.reference == "initial":
             return self._initial(policy)
-        return copy.deepcopy(policy.model).eval().requires_grad_(False)
+        return _merged(copy.deepcopy(policy.model)).eval().requires_grad_(False)
 
     # ---- CREAM's rankings ------------------------------------------------------------------------
     def _remember(self, policy) -> None:
@@ -284,6 +284,14 @@ class IterativeDPO:
             result = trainer.train()
         policy.model.eval()
         return {"loss": float(result.training_loss), **trl_metrics(trainer.state.log_history)}
+
+
+def _merged(model: torch.nn.Module) -> torch.nn.Module:
+    """A LoRA model as a plain one, its adapters merged in: TRL's DPOTrainer runs the reference through a fused
+    LM-head forward that reads the backbone's hidden states, which a PEFT wrapper does not return."""
+    from peft import PeftModel
+
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
 def trl_metrics(history: list[dict[str, float]]) -> dict[str, float]:
