@@ -42,6 +42,7 @@ SHAPES = {  # Qwen2.5's published dimensions; `small` keeps the vocabulary for a
     "small": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2),
 }
+SCRIPT = str(Path(__file__).resolve())
 BUILD_VERSION = 1  # bump when the build changes, so old caches are not reused
 
 # Runs the rewardlab CLI in this process and, at exit, writes its peak allocated CUDA memory (if it used CUDA).
@@ -176,15 +177,16 @@ def trl_child(args: argparse.Namespace, model_dir: str, seed: int, result: Path)
 
 
 # ---- the parent: launches, measures, reports ---------------------------------------------------------------
-def measured(cmd: list[str], env: dict, log: Path) -> float:
-    """Run `cmd` to completion; return that one process's peak resident memory in MB (wait4's ru_maxrss)."""
+def measured(what: str, cmd: list[str], env: dict, log: Path) -> float:
+    """Run `cmd` to completion in the log's folder (not the repository, whose rewardlab/ lacks cli/ and conf/);
+    return that one process's peak resident memory in MB (wait4's ru_maxrss)."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise SystemExit(f"{cmd[:4]}... exited with {proc.returncode}; its log ends:\n{tail}")
+        raise SystemExit(f"{what} exited with {proc.returncode}; its log ({log}) ends:\n{tail}")
     return usage.ru_maxrss / 1024  # Linux reports kilobytes
 
 
@@ -209,8 +211,9 @@ def rewardlab_overrides(args: argparse.Namespace, model_dir: str, engine: str, s
 def run_rewardlab(args: argparse.Namespace, model_dir: str, engine: str, seed: int, tmp: Path) -> dict:
     run_dir, peak = tmp / "run", tmp / "cuda_peak"
     cmd = [sys.executable, "-c", CLI_WITH_PEAK, "train", *rewardlab_overrides(args, model_dir, engine, seed, run_dir)]
-    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
-    rss = measured(cmd, child_env(BENCH_CUDA_PEAK=str(peak), PYTHONPATH=path), tmp / "log.txt")
+    path = os.pathsep.join(filter(None, [str(Path(SCRIPT).parent), os.environ.get("PYTHONPATH")]))
+    rss = measured(f"rewardlab train ({engine})", cmd, child_env(BENCH_CUDA_PEAK=str(peak), PYTHONPATH=path),
+                   tmp / "log.txt")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     return {"step_s": [r["time/generate"] + r["time/score"] + r["time/update"] for r in rows],
             "generate_s": [r["time/generate"] for r in rows],
@@ -222,9 +225,9 @@ def run_rewardlab(args: argparse.Namespace, model_dir: str, engine: str, seed: i
 
 def run_trl(args: argparse.Namespace, model_dir: str, seed: int, tmp: Path) -> dict:
     result = tmp / "result.json"
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--child", "trl", "--model-dir", model_dir, "--seed", str(seed),
+    cmd = [sys.executable, SCRIPT, *sys.argv[1:], "--child", "trl", "--model-dir", model_dir, "--seed", str(seed),
            "--result", str(result)]
-    rss = measured(cmd, child_env(), tmp / "log.txt")
+    rss = measured("TRL", cmd, child_env(), tmp / "log.txt")
     return {**json.loads(result.read_text()), "peak_rss_mb": rss}
 
 
@@ -292,8 +295,8 @@ def main() -> None:
         return trl_child(args, args.model_dir, args.seed, args.result)
     with tempfile.TemporaryDirectory(prefix="real-shape-") as tmp:
         built = Path(tmp) / "model_dir"
-        measured([sys.executable, __file__, "--shape", args.shape, "--child", "build", "--result", str(built)],
-                 child_env(), Path(tmp) / "build.log")
+        measured("the model build", [sys.executable, SCRIPT, "--shape", args.shape, "--child", "build",
+                 "--result", str(built)], child_env(), Path(tmp) / "build.log")
         model_dir = built.read_text()
         systems = [f"rewardlab:{engine}" for engine in args.engines.split(",")] + ["trl"]
         rows: list[tuple[str, int, dict]] = []
