@@ -102,7 +102,8 @@ if [[ ${#wanted[@]} -gt 0 ]] && ! PIP_BREAK_SYSTEM_PACKAGES=1 "$PYTHON" -m pip i
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
-"$PYTHON" - "$DEVICE" <<'EOF'
+# from outside the repository, whose rewardlab/ (no cli/, conf/) would shadow the installed wheel
+(cd "$(dirname "$SITE")" && "$PYTHON" - "$DEVICE") <<'EOF'
 import sys
 from importlib.metadata import version
 
