@@ -12,15 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from rewardlab.errors import UserError  # noqa: E402
-from rewardlab.io import write_text_atomic  # noqa: E402
-from rewardlab.sweep import job_dirs, read_rows, varying_overrides  # noqa: E402
+from rewardlab.errors import UserError
+from rewardlab.io import write_text_atomic
+from rewardlab.sweep import job_dirs, read_rows, varying_overrides
 
 STAGES = ("time/generate", "time/score", "time/update", "time/eval")
 
@@ -104,6 +98,12 @@ def _plot_time_bars(ax, run: Run, keys: list[str]) -> None:
 
 def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
     """Draw one panel to `out` (PNG); returns the metrics drawn, or None when no run logged any."""
+    import matplotlib  # here, not at import: a run registers every module's schema and needs no plotting
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     keys = panel.keys(set().union(*(k for r in runs for k in r.rows)))
     if not keys:
         return None
