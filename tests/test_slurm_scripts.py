@@ -56,15 +56,21 @@ def sbatch(script: str, tmp_path: Path, nodes: int, gpus_per_node: int, config: 
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
         (stubs / name).write_text(text)
         (stubs / name).chmod(stat.S_IRWXU)
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PYTHON": sys.executable,
-           "SLURM_JOB_ID": str(job_id_with_free_port()), "SLURM_NNODES": str(nodes), "SLURM_JOB_NODELIST": "n[1-2]",
-           "SLURM_GPUS_ON_NODE": str(gpus_per_node), "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
-    if config is not None:
-        env["ACCELERATE_CONFIG"] = f"conf/accelerate/{config}"
-    result = subprocess.run(["bash", f"scripts/slurm/{script}", *TINY_GRPO], capture_output=True, text=True,
-                            env=env, cwd=REPO, timeout=600)
+    for attempt in range(2):
+        # a rank of the launch occasionally dies of SIGABRT on these CPU machines (FIELD_NOTES: seen with torchrun;
+        # here once in a fresh-clone suite, 0 of 6 reruns): that, once, is retried in a fresh directory; any other
+        # failure, or a second abort, fails the test
+        run_dir = tmp_path / f"run{attempt}"
+        env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PYTHON": sys.executable,
+               "SLURM_JOB_ID": str(job_id_with_free_port()), "SLURM_NNODES": str(nodes),
+               "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": str(gpus_per_node), "RUN_DIR": str(run_dir),
+               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        if config is not None:
+            env["ACCELERATE_CONFIG"] = f"conf/accelerate/{config}"
+        result = subprocess.run(["bash", f"scripts/slurm/{script}", *TINY_GRPO], capture_output=True, text=True,
+                                env=env, cwd=REPO, timeout=600)
+        if result.returncode == 0 or attempt == 1 or "(SIGABRT)" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
