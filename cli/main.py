@@ -125,6 +125,30 @@ def evaluate(ctx: typer.Context) -> None:
     _hydra("eval", list(ctx.args), _eval_task)
 
 
+def _bench_rm_task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from rewardlab.rmlab.bench import run_bench
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with user_errors():
+        run_bench(cfg, run_dir)
+    typer.echo(f"run dir: {run_dir}")
+
+
+@app.command("bench-rm", context_settings=HYDRA_ARGS)
+def bench_rm(ctx: typer.Context) -> None:
+    """Benchmark a reward: `rewardlab bench-rm [OVERRIDES...]` with `bench=pairs|process|best_of_n`.
+
+    `bench=pairs bench.data=FILE`: RewardBench-format JSONL (prompt, chosen, rejected[, subset]), accuracy
+    overall and per subset. `bench=process bench.data=FILE`: ProcessBench-format JSONL (problem, steps,
+    label), first-error accuracy on erroneous and correct rows and their F1. `bench.data=arith` (the default)
+    builds either file from the policy's own arith test samples. Any reward: `reward=prm reward.model=<dir>`,
+    `reward=arith_steps`, `reward=orm ...`. Writes bench.json and prints a table; `run dir: <path>` last.
+    """
+    _hydra("bench_rm", list(ctx.args), _bench_rm_task)
+
+
 @app.command(context_settings=HYDRA_ARGS)
 def score(ctx: typer.Context, input: Path = typer.Argument(..., help="JSONL file, parquet rollouts or run directory"),
           output: Path = typer.Option(..., "--output", "-o", help="JSONL file to write")) -> None:

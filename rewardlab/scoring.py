@@ -88,20 +88,28 @@ def _tokenizer_source(policy_cfg: DictConfig) -> str:
                     f"policy.path=<local model directory>")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def json_lines(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file; a line that is not JSON is a
+    UserError naming the file and line."""
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{number} is not valid JSON ({exc.msg}); one object per line") from exc
+    if not rows:
+        raise UserError(f"{path} has no rows to score")
+    return rows
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, row in json_lines(path):
         if not isinstance(row, dict) or "prompt" not in row or "completion" not in row:
             raise UserError(f"{path}:{number} needs the fields `prompt` and `completion`")
         rows.append(row)
-    if not rows:
-        raise UserError(f"{path} has no rows to score")
     return rows
 
 
@@ -146,11 +154,21 @@ def scored_rows(batch: Batch, passed: list[dict[str, Any]]) -> list[dict[str, An
     return out
 
 
+def build_reward(cfg: DictConfig) -> tuple[Any, LazyPolicy]:
+    """`cfg.reward` built as training builds it (instantiated, then bound to the policy), with a LazyPolicy
+    of `cfg.policy` standing in for the policy; `score` and `bench-rm` build their rewards here."""
+    from hydra.utils import instantiate
+
+    policy = LazyPolicy(cfg.policy, cfg.run.device)
+    reward = instantiate(cfg.reward)
+    reward.bind(policy)
+    return reward, policy
+
+
 def score_file(source: Path, output: Path, overrides: list[str]) -> int:
     """Score `source` with the reward composed from `overrides`; write JSONL to `output`; return rows."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
 
     from rewardlab.config import register_schemas
     from rewardlab.run import setup_torch
@@ -164,9 +182,7 @@ def score_file(source: Path, output: Path, overrides: list[str]) -> int:
         cfg = compose(config_name="score", overrides=overrides)
     quiet_libraries(cfg.run.verbose)
     setup_torch(cfg.run)
-    policy = LazyPolicy(cfg.policy, cfg.run.device)
-    reward = instantiate(cfg.reward)
-    reward.bind(policy)
+    reward, policy = build_reward(cfg)
     results: list[dict[str, Any]] = []
     if source.suffix in (".jsonl", ".json"):
         rows = read_jsonl(source)
