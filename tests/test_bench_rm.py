@@ -183,3 +183,18 @@ def test_cli_prints_the_table_then_the_run_dir(tmp_path):
     assert lines[-1] == f"run dir: {run_dir}" and any("0.6250" in line for line in lines)
     assert json.loads((run_dir / "bench.json").read_text())["metrics"]["pairs/accuracy"] == 0.625
     assert (run_dir / "config.yaml").exists() and (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_process_bench_thresholds_a_prm_on_its_probability_whatever_its_scale(tmp_path):
+    """reward.scale=signed maps p to 2p - 1 for training; the bench's threshold stays on p, so the signed
+    PRM finds the same first errors as the plain one (0.5 would otherwise flag every step below p = 0.75)."""
+    plain, plain_dir = bench(tmp_path / "prob", "bench=process", f"bench.data={PROCESS}", "reward=prm")
+    signed, signed_dir = bench(tmp_path / "signed", "bench=process", f"bench.data={PROCESS}", "reward=prm",
+                               "reward.scale=signed")
+
+    def scored(run_dir):
+        return [json.loads(line) for line in (run_dir / "scored.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in scored(plain_dir)] == [r["prediction"] for r in scored(signed_dir)]
+    assert all(0.0 <= s <= 1.0 for r in scored(signed_dir) for s in r["step_scores"])
+    assert signed["metrics"]["process/f1"] == plain["metrics"]["process/f1"]
