@@ -144,6 +144,12 @@ def test_process_bench_builds_a_reusable_arith_file(tmp_path):
         {k: v for k, v in built["metrics"].items() if k != "time/bench"}, nan_ok=True)
 
 
+def test_a_missing_file_is_named_and_leaves_no_run_dir(tmp_path):
+    with pytest.raises(UserError, match="bench.data=.*nowhere.jsonl: no such file"):
+        bench(tmp_path, "bench=process", f"bench.data={tmp_path / 'nowhere.jsonl'}", "reward=arith_steps")
+    assert not (tmp_path / "run").exists()
+
+
 def test_process_bench_refuses_a_reward_without_step_scores(tmp_path):
     with pytest.raises(UserError, match="reward 'length' .* gives no step scores"):
         bench(tmp_path, "bench=process", f"bench.data={PROCESS}", "reward=length")
@@ -159,12 +165,10 @@ def test_bench_yamls_name_their_choice():
     ("pairs", '{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "c"}\n',
      "bad.jsonl:2 has no `rejected` field"),
     ("process", '{"problem": "p", "steps": ["a", "b"], "label": 5}\n', "bad.jsonl:1: `label` 5 is past its last step"),
-    ("process", None, "bad.jsonl: no such file"),
 ])
 def test_cli_bad_input_one_line_exit_2_nothing_left(tmp_path, bench_choice, content, message):
     data = tmp_path / "bad.jsonl"
-    if content is not None:
-        data.write_text(content)
+    data.write_text(content)
     run_dir = tmp_path / "run"
     done = run_cli("bench-rm", f"bench={bench_choice}", f"bench.data={data}", "reward=arith_steps", "logger=none",
                    f"hydra.run.dir={run_dir}")
