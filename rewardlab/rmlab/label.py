@@ -328,7 +328,9 @@ def label(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             append_rows(path, rows)
             progress.advance(bar)
             if not progress.console.is_terminal and (index + 1) % max(1, len(examples) // 10) == 0:
-                console.print(f"labelled {index + 1}/{len(examples)} prompts ({time.perf_counter() - began:.0f} s)")
+                took = time.perf_counter() - began  # a log's stand-in for the bar: elapsed and estimated left
+                left = took / (index + 1 - start) * (len(examples) - index - 1)
+                console.print(f"labelled {index + 1}/{len(examples)} prompts ({took:.0f} s, eta {left:.0f} s)")
     rows = read_rows(path)
     steps = sum(len(r["labels"]) for r in rows)
     summary: dict[str, Any] = {
