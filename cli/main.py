@@ -194,8 +194,12 @@ def _label_task(cfg) -> None:
     from rewardlab.rmlab.label import label as run_label
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with user_errors():
-        summary = run_label(cfg, run_dir)
+    try:
+        with user_errors():
+            summary = run_label(cfg, run_dir)
+    except KeyboardInterrupt:  # every finished prompt's rows are on disk
+        typer.echo(f"stopped; continue with the same command and hydra.run.dir={run_dir}", err=True)
+        raise SystemExit(130) from None
     for key, value in summary.items():
         typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) and not value.is_integer() else f"{key}: {value:g}")
     typer.echo(f"run dir: {run_dir}")
