@@ -1,0 +1,451 @@
+"""`rewardlab train-rm`: train a process (`rm=prm`) or outcome (`rm=orm`) reward model from a policy's
+backbone and write `<run dir>/model/`, which `reward=prm reward.model=<dir>` / `reward=orm reward.model=<dir>`
+load as is.
+
+- PRM: TRL's stepwise-supervision rows (`prompt`, `completions` = the steps, `labels` = one bool per step;
+  `rewardlab label` writes them to `<run dir>/labels.jsonl`), trained as token classification with the label
+  at each step separator's last token and -100 elsewhere: TRL's PRM layout, built by the same function
+  `reward=prm` scores with (rewards/prm.py `token_classification_ids`), so training and scoring read the
+  same position. TRL 1.16 has no PRMTrainer (it left the main package and is not in `trl.experimental`
+  here), so transformers' `Trainer` runs it; the separator is saved in the model's config
+  (`step_separator`), where `reward=prm` reads it back.
+- ORM: TRL's preference rows (`prompt`, `chosen`, `rejected`), or a `rewardlab train` run directory whose
+  rollouts pair a correct with an incorrect completion of the same prompt (the `gold` column), through TRL's
+  `RewardTrainer` on pre-tokenized pairs: each text is what `reward=orm` reads (rewards/orm.py `orm_text`,
+  no EOS appended), so the score is trained where it is read.
+A held-out split by prompt (`rm.eval_fraction`) is scored before training and after every epoch into
+metrics.jsonl and W&B: PRM step accuracy, first-error and whole-solution accuracy and ProcessBench's F1;
+ORM pair accuracy (a tie counts half). The model is built in a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from rewardlab.config import schema
+from rewardlab.errors import UserError
+from rewardlab.io import write_json_atomic, write_text_atomic
+from rewardlab.rewards.orm import orm_text
+from rewardlab.rewards.prm import token_classification_ids
+
+
+@dataclass
+class TrainRMRunConfig:
+    """`rewardlab train-rm` settings (`run.*`)."""
+
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    name: Optional[str] = None  # run name for W&B; defaults to the run directory's name
+    verbose: bool = False
+
+
+@dataclass
+class TrainRMConfig:
+    run: TrainRMRunConfig = field(default_factory=TrainRMRunConfig)
+    policy: Any = None
+    rm: Any = None
+    logger: Any = None
+
+
+ConfigStore.instance().store(name="_train_rm_schema", node=TrainRMConfig)
+
+
+@schema("rm", "prm")
+@dataclass
+class PRMTrainConfig:
+    _target_: str = "rewardlab.rmlab.train.PRMTraining"
+    data: Optional[str] = None  # a stepwise JSONL file, or a `rewardlab label` run directory (its labels.jsonl)
+    eval_fraction: float = 0.1  # prompts held out for the per-epoch accuracy
+    epochs: int = 4
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_length: int = 1024  # tokens per row; longer rows are cut (their last steps go unlabelled), as TRL does
+    step_tag: str = "\n"  # the separator after each step, saved in the model's config for reward=prm
+    threshold: float = 0.5  # held-out metrics: a step scored below it counts as wrong
+
+
+@schema("rm", "orm")
+@dataclass
+class ORMTrainConfig:
+    _target_: str = "rewardlab.rmlab.train.ORMTraining"
+    data: Optional[str] = None  # a preference JSONL file, or a `rewardlab train` run directory (its rollouts)
+    eval_fraction: float = 0.1
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_length: int = 1024
+    pairs_per_prompt: int = 4  # from rollouts: at most this many (correct, incorrect) pairs per prompt
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-empty line; a line that is no JSON object is named."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number} is not valid JSON ({exc.msg}); one object per line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number} is not a JSON object")
+        rows.append((number, row))
+    return rows
+
+
+def data_path(data: str | None, inside: str) -> Path:
+    """`rm.data` as an existing path (a directory stays a directory); `inside` names what a directory holds."""
+    if not data:
+        raise UserError(f"train-rm needs rm.data=<a JSONL file or {inside}>")
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise UserError(f"rm.data={data} does not exist; give a JSONL file or {inside}")
+    return path
+
+
+def split_by_prompt(rows: list, key: Callable[[Any], str], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a `fraction` of the distinct prompts (at least one when fraction > 0) with all
+    their rows held out, so the held-out accuracy is measured on prompts never trained on."""
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"rm.eval_fraction={fraction} must be in [0, 1)")
+    prompts = sorted({key(r) for r in rows})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, round(fraction * len(prompts)))] if fraction > 0 and len(prompts) > 1 else [])
+    train = [r for r in rows if key(r) not in held]
+    return train, [r for r in rows if key(r) in held]
+
+
+def first_error(flags: list[bool]) -> int:
+    """Index of the first False, -1 when all are True (ProcessBench's `label`)."""
+    return next((k for k, ok in enumerate(flags) if not ok), -1)
+
+
+def process_metrics(probabilities: list[list[float]], labels: list[list[bool]], threshold: float
+                    ) -> dict[str, float]:
+    """Held-out PRM accuracy: per step; per solution, whether the predicted first error (first step scored
+    below `threshold`) is the labelled one, and whether "all steps right" is; ProcessBench's accuracy on
+    the erroneous and the all-correct solutions and their harmonic mean (F1, 0 when either is 0)."""
+    steps = [(p >= threshold) == bool(y) for ps, ys in zip(probabilities, labels) for p, y in zip(ps, ys)]
+    predicted = [first_error([p >= threshold for p in ps]) for ps in probabilities]
+    gold = [first_error([bool(y) for y in ys]) for ys in labels]
+    hits = [p == g for p, g in zip(predicted, gold)]
+    erroneous = [h for h, g in zip(hits, gold) if g >= 0]
+    correct = [h for h, g in zip(hits, gold) if g < 0]
+    acc_error = sum(erroneous) / len(erroneous) if erroneous else math.nan
+    acc_correct = sum(correct) / len(correct) if correct else math.nan
+    both = acc_error + acc_correct
+    return {"step_accuracy": sum(steps) / len(steps), "first_error_accuracy": sum(hits) / len(hits),
+            "solution_accuracy": sum((p < 0) == (g < 0) for p, g in zip(predicted, gold)) / len(gold),
+            "acc_error": acc_error, "acc_correct": acc_correct,
+            "f1": 2 * acc_error * acc_correct / both if both > 0 else (0.0 if both == 0 else math.nan)}
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and their attention mask."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+class PRMTraining:
+    """Step-level binary classification at each separator (num_labels=2, score = P(class 1))."""
+
+    def __init__(self, data: str | None = None, eval_fraction: float = 0.1, epochs: int = 4, lr: float = 1e-3,
+                 batch_size: int = 32, max_length: int = 1024, step_tag: str = "\n", threshold: float = 0.5) -> None:
+        self.data, self.eval_fraction, self.epochs, self.lr = data, eval_fraction, epochs, lr
+        self.batch_size, self.max_length, self.step_tag, self.threshold = batch_size, max_length, step_tag, threshold
+
+    @staticmethod
+    def key(row: dict) -> str:
+        return row["prompt"]
+
+    def read(self, seed: int) -> list[dict]:
+        """Stepwise rows (`prompt`, `completions`, `labels`), checked row by row."""
+        path = data_path(self.data, "a `rewardlab label` run directory")
+        if path.is_dir():
+            path = path / "labels.jsonl"
+            if not path.exists():
+                raise UserError(f"rm.data={self.data} has no labels.jsonl; give a labels file or a label run dir")
+        rows = []
+        for number, row in read_jsonl(path):
+            steps, labels = row.get("completions"), row.get("labels")
+            if not isinstance(row.get("prompt"), str) or not isinstance(steps, list) or not isinstance(labels, list):
+                raise UserError(f"{path}:{number} needs `prompt` (text), `completions` (list of steps) and "
+                                f"`labels` (list of booleans): TRL's stepwise-supervision format")
+            if len(labels) != len(steps):
+                raise UserError(f"{path}:{number}: `labels` has {len(labels)} entries but `completions` has "
+                                f"{len(steps)} steps; give one label per step")
+            if not all(isinstance(s, str) for s in steps) or not all(y in (True, False) for y in labels):
+                raise UserError(f"{path}:{number}: `completions` must be strings and `labels` booleans")
+            if steps:
+                rows.append({"prompt": row["prompt"], "steps": steps, "labels": [bool(y) for y in labels]})
+        if not rows:
+            raise UserError(f"{path} has no row with steps to train on")
+        return rows
+
+    def build(self, source: str, tokenizer):
+        from transformers import AutoModelForTokenClassification
+
+        model = AutoModelForTokenClassification.from_pretrained(source, num_labels=2)
+        model.config.step_separator = self.step_tag  # read back by reward=prm (format token_classification)
+        model.config.pad_token_id = _pad_id(tokenizer)
+        return model
+
+    def encode(self, row: dict, tokenizer) -> dict[str, list[int]]:
+        """TRL's PRM layout: the step's label at its separator's last token, -100 elsewhere."""
+        ids, positions = token_classification_ids(tokenizer, row["prompt"], row["steps"], self.step_tag)
+        labels = [-100] * len(ids)
+        for position, label in zip(positions, row["labels"]):
+            labels[position] = int(label)
+        return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length]}
+
+    def trainer(self, model, tokenizer, rows: list[dict], settings: dict):
+        from datasets import Dataset
+        from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
+
+        encoded = [self.encode(r, tokenizer) for r in rows]
+        data = Dataset.from_dict({k: [e[k] for e in encoded] for k in ("input_ids", "labels")})
+        return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=data,
+                       data_collator=DataCollatorForTokenClassification(tokenizer), processing_class=tokenizer)
+
+    @torch.inference_mode()
+    def evaluate(self, model, tokenizer, rows: list[dict]) -> dict[str, float]:
+        device = next(model.parameters()).device
+        encoded = [token_classification_ids(tokenizer, r["prompt"], r["steps"], self.step_tag) for r in rows]
+        probabilities: list[list[float]] = []
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start : start + self.batch_size]
+            ids, mask = _padded([i for i, _ in chunk], _pad_id(tokenizer), device)
+            probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)[..., 1]
+            probabilities.extend(probs[r, positions].tolist() for r, (_, positions) in enumerate(chunk))
+        return process_metrics(probabilities, [r["labels"] for r in rows], self.threshold)
+
+
+def _completion_text(value: Any, where: str) -> str:
+    """A preference side as text: a string, or a conversational list whose last message is the reply."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and "content" in value[-1]:
+        return value[-1]["content"]
+    raise UserError(f"{where}: `chosen` and `rejected` must be text or a list of messages")
+
+
+class ORMTraining:
+    """A Bradley-Terry reward model (num_labels=1) through TRL's RewardTrainer."""
+
+    def __init__(self, data: str | None = None, eval_fraction: float = 0.1, epochs: int = 2, lr: float = 1e-3,
+                 batch_size: int = 16, max_length: int = 1024, pairs_per_prompt: int = 4) -> None:
+        self.data, self.eval_fraction, self.epochs, self.lr = data, eval_fraction, epochs, lr
+        self.batch_size, self.max_length, self.pairs_per_prompt = batch_size, max_length, pairs_per_prompt
+
+    @staticmethod
+    def key(row: dict) -> str:
+        return json.dumps(row["messages"])
+
+    def read(self, seed: int) -> list[dict]:
+        """Pairs as {messages, chosen, rejected}, from a preference file or a run's rollouts."""
+        path = data_path(self.data, "a `rewardlab train` run directory")
+        rows = self._from_rollouts(path, seed) if path.is_dir() else self._from_file(path)
+        if not rows:
+            raise UserError(f"rm.data={self.data} gives no (chosen, rejected) pair to train on")
+        return rows
+
+    @staticmethod
+    def _from_file(path: Path) -> list[dict]:
+        rows = []
+        for number, row in read_jsonl(path):
+            missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+            if missing:
+                raise UserError(f"{path}:{number} has no `{missing[0]}`; preference rows need `prompt`, "
+                                f"`chosen` and `rejected` (TRL's preference format)")
+            prompt, where = row["prompt"], f"{path}:{number}"
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
+                raise UserError(f"{where}: `prompt` must be text or a list of messages")
+            rows.append({"messages": [{"role": m.get("role", "user"), "content": m["content"]} for m in messages],
+                         "chosen": _completion_text(row["chosen"], where),
+                         "rejected": _completion_text(row["rejected"], where)})
+        return rows
+
+    def _from_rollouts(self, run_dir: Path, seed: int) -> list[dict]:
+        """Each prompt's distinct correct and incorrect completions by `gold`, paired (at most
+        `pairs_per_prompt` pairs, drawn with the run's seed)."""
+        from rewardlab.rollout import Batch
+
+        files = sorted((run_dir / "rollouts").glob("iter_*.parquet"))
+        if not files:
+            raise UserError(f"rm.data={self.data} has no rollouts/iter_*.parquet; give a preference JSONL file "
+                            f"or a `rewardlab train` run directory")
+        groups: dict[str, tuple[list, set, set]] = {}
+        for file in files:
+            batch = Batch.load(file)
+            if batch.gold is None:
+                raise UserError(f"{file} has no gold column (its data set has no references); pairs need it")
+            for i, gold in enumerate(batch.gold):
+                if gold is None:
+                    continue
+                messages = batch.conversation(i)
+                entry = groups.setdefault(json.dumps(messages), (messages, set(), set()))
+                entry[1 if gold else 2].add(batch.completion[i])
+        rng, rows = random.Random(seed), []
+        for messages, right, wrong in groups.values():
+            pairs = [(c, r) for c in sorted(right) for r in sorted(wrong)]
+            rows += [{"messages": messages, "chosen": c, "rejected": r}
+                     for c, r in rng.sample(pairs, min(self.pairs_per_prompt, len(pairs)))]
+        return rows
+
+    def build(self, source: str, tokenizer):
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+        model.config.pad_token_id = _pad_id(tokenizer)
+        return model
+
+    def ids(self, tokenizer, messages: list[dict], completion: str) -> list[int]:
+        """The tokens reward=orm scores (its own text and special-token rule), cut to max_length."""
+        return tokenizer(orm_text(tokenizer, messages, completion), add_special_tokens=not tokenizer.chat_template,
+                         truncation=True, max_length=self.max_length)["input_ids"]
+
+    def trainer(self, model, tokenizer, rows: list[dict], settings: dict):
+        from datasets import Dataset
+        from trl import RewardConfig, RewardTrainer
+
+        data = Dataset.from_dict({
+            "chosen_ids": [self.ids(tokenizer, r["messages"], r["chosen"]) for r in rows],
+            "rejected_ids": [self.ids(tokenizer, r["messages"], r["rejected"]) for r in rows]})
+        args = RewardConfig(**settings, max_length=self.max_length, gradient_checkpointing=False)
+        return RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+
+    @torch.inference_mode()
+    def evaluate(self, model, tokenizer, rows: list[dict]) -> dict[str, float]:
+        device = next(model.parameters()).device
+        texts = [self.ids(tokenizer, r["messages"], r[side]) for r in rows for side in ("chosen", "rejected")]
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            ids, mask = _padded(texts[start : start + self.batch_size], _pad_id(tokenizer), device)
+            scores.extend(model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist())
+        wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(scores[::2], scores[1::2])]
+        return {"pair_accuracy": sum(wins) / len(wins)}
+
+
+def save_model(model, tokenizer, run_dir: Path) -> Path:
+    """`<run dir>/model/`, built in a temporary directory beside it and renamed into place."""
+    target = run_dir / "model"
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=run_dir))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def train_rm(cfg: DictConfig, run_dir: Path) -> Path:
+    """Read and check `rm.data` (nothing is written if it is refused), train, write `<run dir>/model/`.
+    What libraries print goes to stderr: stdout is left to the results."""
+    from rewardlab.run import Launch
+
+    launch = Launch()
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            return _train_rm(cfg, run_dir, launch)
+        except BaseException:
+            launch.failed()
+            raise
+
+
+def _train_rm(cfg: DictConfig, run_dir: Path, launch) -> Path:
+    from hydra.utils import instantiate
+    from transformers import PrinterCallback, TrainerCallback
+
+    from rewardlab import provenance
+    from rewardlab.policy import load_tokenizer, resolve_device
+    from rewardlab.run import setup_torch
+    from rewardlab.scoring import _tokenizer_source
+    from rewardlab.tracking import MetricsFile, console, quiet_libraries
+
+    quiet_libraries(cfg.run.verbose)
+    setup_torch(cfg.run)
+    launch.accept(run_dir, True)
+    rm = instantiate(cfg.rm)
+    if rm.epochs < 1:
+        raise UserError(f"rm.epochs={rm.epochs} must be at least 1")
+    train_rows, held = split_by_prompt(rm.read(cfg.run.seed), rm.key, rm.eval_fraction, cfg.run.seed)
+    if not train_rows:
+        raise UserError(f"rm.eval_fraction={rm.eval_fraction} holds out every prompt; lower it")
+    device = resolve_device(cfg.run.device)
+    source = _tokenizer_source(cfg.policy)
+    try:
+        tokenizer = load_tokenizer(source)
+        tokenizer.padding_side = "right"  # as the rewards pad: positions count from the first token
+        model = rm.build(source, tokenizer).to(device)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot build a reward model from the policy {source}: {str(exc).splitlines()[0]}") from None
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    provenance.record(run_dir, cfg, 0)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    logger = instantiate(cfg.logger)
+    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.run.name or run_dir.name)
+    launch.started = True
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    console.print(f"train-rm: {len(train_rows)} rows to train on, {len(held)} held out, from {source}")
+    began = time.perf_counter()
+
+    def record(epoch: int, logs: dict[str, float]) -> None:
+        row: dict[str, float] = {"epoch": epoch, "time/train": time.perf_counter() - began}
+        row.update({f"rm/train/{k}": float(v) for k, v in logs.items() if k in ("loss", "accuracy")})
+        if held:
+            model.eval()
+            row.update({f"rm/eval/{k}": v for k, v in rm.evaluate(model, tokenizer, held).items()})
+            model.train(epoch > 0)
+        metrics.append(row)
+        logger.log(row, step=epoch)
+        shown = "  ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in row.items() if k.startswith("rm/"))
+        console.print(f"epoch {epoch:>2}/{rm.epochs}  {shown}", markup=False, highlight=False)
+
+    class EveryEpoch(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+            if logs and "loss" in logs:  # the epoch's training log (the run's last log has train_loss only)
+                record(round(state.epoch), logs)
+
+    record(0, {})
+    with tempfile.TemporaryDirectory(prefix="rewardlab-rm-") as out:
+        settings = dict(output_dir=out, learning_rate=rm.lr, num_train_epochs=rm.epochs, seed=cfg.run.seed,
+                        per_device_train_batch_size=rm.batch_size, save_strategy="no", eval_strategy="no",
+                        logging_strategy="epoch", report_to="none", disable_tqdm=True, bf16=False,
+                        use_cpu=device.type == "cpu", dataloader_num_workers=0)
+        trainer = rm.trainer(model, tokenizer, train_rows, settings)
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+        trainer.add_callback(EveryEpoch())
+        trainer.train()
+    model.eval()
+    model_dir = save_model(model, tokenizer, run_dir)
+    write_json_atomic(run_dir / "summary.json", {"final": metrics.rows[-1], "model": str(model_dir),
+                                                 "train_rows": len(train_rows), "eval_rows": len(held)})
+    logger.finish()
+    return model_dir
