@@ -24,14 +24,13 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -42,6 +41,7 @@ from rewardlab.errors import UserError
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.rewards.orm import orm_text
 from rewardlab.rewards.prm import token_classification_ids
+from rewardlab.rmlab.rm_data import read_preferences, read_stepwise, split_by_prompt
 
 
 @dataclass
@@ -91,44 +91,6 @@ class ORMTrainConfig:
     batch_size: int = 16
     max_length: int = 1024
     pairs_per_prompt: int = 4  # from rollouts: at most this many (correct, incorrect) pairs per prompt
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-empty line; a line that is no JSON object is named."""
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number} is not valid JSON ({exc.msg}); one object per line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{number} is not a JSON object")
-        rows.append((number, row))
-    return rows
-
-
-def data_path(data: str | None, inside: str) -> Path:
-    """`rm.data` as an existing path (a directory stays a directory); `inside` names what a directory holds."""
-    if not data:
-        raise UserError(f"train-rm needs rm.data=<a JSONL file or {inside}>")
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise UserError(f"rm.data={data} does not exist; give a JSONL file or {inside}")
-    return path
-
-
-def split_by_prompt(rows: list, key: Callable[[Any], str], fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held out): a `fraction` of the distinct prompts (at least one when fraction > 0) with all
-    their rows held out, so the held-out accuracy is measured on prompts never trained on."""
-    if not 0.0 <= fraction < 1.0:
-        raise UserError(f"rm.eval_fraction={fraction} must be in [0, 1)")
-    prompts = sorted({key(r) for r in rows})
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[: max(1, round(fraction * len(prompts)))] if fraction > 0 and len(prompts) > 1 else [])
-    train = [r for r in rows if key(r) not in held]
-    return train, [r for r in rows if key(r) in held]
 
 
 def first_error(flags: list[bool]) -> int:
@@ -181,28 +143,7 @@ class PRMTraining:
         return row["prompt"]
 
     def read(self, seed: int) -> list[dict]:
-        """Stepwise rows (`prompt`, `completions`, `labels`), checked row by row."""
-        path = data_path(self.data, "a `rewardlab label` run directory")
-        if path.is_dir():
-            path = path / "labels.jsonl"
-            if not path.exists():
-                raise UserError(f"rm.data={self.data} has no labels.jsonl; give a labels file or a label run dir")
-        rows = []
-        for number, row in read_jsonl(path):
-            steps, labels = row.get("completions"), row.get("labels")
-            if not isinstance(row.get("prompt"), str) or not isinstance(steps, list) or not isinstance(labels, list):
-                raise UserError(f"{path}:{number} needs `prompt` (text), `completions` (list of steps) and "
-                                f"`labels` (list of booleans): TRL's stepwise-supervision format")
-            if len(labels) != len(steps):
-                raise UserError(f"{path}:{number}: `labels` has {len(labels)} entries but `completions` has "
-                                f"{len(steps)} steps; give one label per step")
-            if not all(isinstance(s, str) for s in steps) or not all(y in (True, False) for y in labels):
-                raise UserError(f"{path}:{number}: `completions` must be strings and `labels` booleans")
-            if steps:
-                rows.append({"prompt": row["prompt"], "steps": steps, "labels": [bool(y) for y in labels]})
-        if not rows:
-            raise UserError(f"{path} has no row with steps to train on")
-        return rows
+        return read_stepwise(self.data)
 
     def build(self, source: str, tokenizer):
         from transformers import AutoModelForTokenClassification
@@ -242,15 +183,6 @@ class PRMTraining:
         return process_metrics(probabilities, [r["labels"] for r in rows], self.threshold)
 
 
-def _completion_text(value: Any, where: str) -> str:
-    """A preference side as text: a string, or a conversational list whose last message is the reply."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict) and "content" in value[-1]:
-        return value[-1]["content"]
-    raise UserError(f"{where}: `chosen` and `rejected` must be text or a list of messages")
-
-
 class ORMTraining:
     """A Bradley-Terry reward model (num_labels=1) through TRL's RewardTrainer."""
 
@@ -264,56 +196,7 @@ class ORMTraining:
         return json.dumps(row["messages"])
 
     def read(self, seed: int) -> list[dict]:
-        """Pairs as {messages, chosen, rejected}, from a preference file or a run's rollouts."""
-        path = data_path(self.data, "a `rewardlab train` run directory")
-        rows = self._from_rollouts(path, seed) if path.is_dir() else self._from_file(path)
-        if not rows:
-            raise UserError(f"rm.data={self.data} gives no (chosen, rejected) pair to train on")
-        return rows
-
-    @staticmethod
-    def _from_file(path: Path) -> list[dict]:
-        rows = []
-        for number, row in read_jsonl(path):
-            missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-            if missing:
-                raise UserError(f"{path}:{number} has no `{missing[0]}`; preference rows need `prompt`, "
-                                f"`chosen` and `rejected` (TRL's preference format)")
-            prompt, where = row["prompt"], f"{path}:{number}"
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
-                raise UserError(f"{where}: `prompt` must be text or a list of messages")
-            rows.append({"messages": [{"role": m.get("role", "user"), "content": m["content"]} for m in messages],
-                         "chosen": _completion_text(row["chosen"], where),
-                         "rejected": _completion_text(row["rejected"], where)})
-        return rows
-
-    def _from_rollouts(self, run_dir: Path, seed: int) -> list[dict]:
-        """Each prompt's distinct correct and incorrect completions by `gold`, paired (at most
-        `pairs_per_prompt` pairs, drawn with the run's seed)."""
-        from rewardlab.rollout import Batch
-
-        files = sorted((run_dir / "rollouts").glob("iter_*.parquet"))
-        if not files:
-            raise UserError(f"rm.data={self.data} has no rollouts/iter_*.parquet; give a preference JSONL file "
-                            f"or a `rewardlab train` run directory")
-        groups: dict[str, tuple[list, set, set]] = {}
-        for file in files:
-            batch = Batch.load(file)
-            if batch.gold is None:
-                raise UserError(f"{file} has no gold column (its data set has no references); pairs need it")
-            for i, gold in enumerate(batch.gold):
-                if gold is None:
-                    continue
-                messages = batch.conversation(i)
-                entry = groups.setdefault(json.dumps(messages), (messages, set(), set()))
-                entry[1 if gold else 2].add(batch.completion[i])
-        rng, rows = random.Random(seed), []
-        for messages, right, wrong in groups.values():
-            pairs = [(c, r) for c in sorted(right) for r in sorted(wrong)]
-            rows += [{"messages": messages, "chosen": c, "rejected": r}
-                     for c, r in rng.sample(pairs, min(self.pairs_per_prompt, len(pairs)))]
-        return rows
+        return read_preferences(self.data, self.pairs_per_prompt, seed)
 
     def build(self, source: str, tokenizer):
         from transformers import AutoModelForSequenceClassification
