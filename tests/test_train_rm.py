@@ -115,19 +115,20 @@ def test_prm_trains_and_loads_through_reward_prm(tmp_path):
 
 
 def test_orm_trains_and_loads_through_reward_orm(tmp_path):
-    """TRL's RewardTrainer on preference rows: held-out pair accuracy rises, and reward=orm scores the
-    saved model on exactly the tokens it was trained on."""
+    """TRL's RewardTrainer on preference rows learns the rule, and reward=orm scores the saved model on
+    exactly the tokens it was trained on."""
     from rewardlab.rewards.orm import ORMReward
 
     rng = random.Random(1)
-    pairs = [{"prompt": f"{i}+0=?\n", "chosen": "\n".join(arith_lines(rng)), "rejected": "\n".join(arith_lines(rng)) + "?"}
-             for i in range(64)]
+    pairs = [{"prompt": f"{i}+0=?\n", "chosen": "\n".join(arith_lines(rng)),
+              "rejected": "\n".join(arith_lines(rng)) + "?"} for i in range(64)]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     run_dir = run_dir_of(run_cli("train-rm", "rm=orm", f"rm.data={data}", "rm.epochs=3", "rm.lr=3e-3", *FAST,
                                  f"hydra.run.dir={tmp_path / 'run'}"))
     rows = read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
-    assert rows[-1]["rm/eval/pair_accuracy"] >= 0.9 > rows[0]["rm/eval/pair_accuracy"]
+    # a fixed rule gives an untrained head ~0 or ~1 pair accuracy by chance: check the Bradley-Terry loss fell
+    assert rows[-1]["rm/eval/pair_accuracy"] >= 0.9 and rows[-1]["rm/train/loss"] < rows[1]["rm/train/loss"]
 
     reward = ORMReward(model=str(run_dir / "model"), device="cpu")
     batch = make_batch(["5+0=?\n"] * 2, ["2+3=5\n#### 5", "2+3=5\n#### 5?"], ["5"] * 2)

@@ -290,7 +290,8 @@ def _train_rm(cfg: DictConfig, run_dir: Path, launch) -> Path:
         raise UserError(f"cannot build a reward model from the policy {source}: {str(exc).splitlines()[0]}") from None
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    provenance.record(run_dir, cfg, 0)
+    if not (run_dir / "config.yaml").exists():  # the Hydra record of a first start (as `train` writes it)
+        provenance.record(run_dir, cfg, 0)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     logger = instantiate(cfg.logger)
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.run.name or run_dir.name)
