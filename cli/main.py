@@ -188,6 +188,36 @@ def configs() -> None:
     config_table()
 
 
+def _label_task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from rewardlab.rmlab.label import label as run_label
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        with user_errors():
+            summary = run_label(cfg, run_dir)
+    except KeyboardInterrupt:  # every finished prompt's rows are on disk
+        typer.echo(f"stopped; continue with the same command and hydra.run.dir={run_dir}", err=True)
+        raise SystemExit(130) from None
+    for key, value in summary.items():
+        typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) and not value.is_integer() else f"{key}: {value:g}")
+    typer.echo(f"run dir: {run_dir}")
+
+
+@app.command(context_settings=HYDRA_ARGS)
+def label(ctx: typer.Context) -> None:
+    """Monte-Carlo step labels from the policy's own samples: `rewardlab label [OVERRIDES...]`.
+
+    `label.prompts`, `label.samples_per_prompt`, `label.rollouts` continuations per step prefix, and
+    `label.method=mc|binary_search` (OmegaPRM: fewer rollouts). Writes `<run dir>/labels.jsonl` in TRL's
+    stepwise format (`prompt`, `completions`, `labels`) plus `soft_labels` and `reference`, row by row;
+    rerun with `hydra.run.dir=<run dir>` to continue an interrupted run. On arith it reports the labels'
+    agreement with the exact step checker (summary.json).
+    """
+    _hydra("label", list(ctx.args), _label_task)
+
+
 def _train_rm_task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 

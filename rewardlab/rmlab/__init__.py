@@ -1,1 +1,1 @@
-"""The reward-model lab: label steps, train and benchmark reward models."""
+"""The reward-model lab: step labels, reward-model training, benchmarks and search with reward models."""
