@@ -72,7 +72,7 @@ class PRMTrainConfig:
     _target_: str = "rewardlab.rmlab.train.PRMTraining"
     data: Optional[str] = None  # a stepwise JSONL file, or a `rewardlab label` run directory (its labels.jsonl)
     eval_fraction: float = 0.1  # prompts held out for the per-epoch accuracy
-    epochs: int = 4
+    epochs: int = 16  # the held-out F1 on arith still rose at epoch 10-16 (1k rows); ~1-2 min on 2 cores
     lr: float = 1e-3
     batch_size: int = 32
     max_length: int = 1024  # tokens per row; longer rows are cut (their last steps go unlabelled), as TRL does
@@ -133,33 +133,31 @@ def _pad_id(tokenizer) -> int:
 class PRMTraining:
     """Step-level binary classification at each separator (num_labels=2, score = P(class 1))."""
 
-    def __init__(self, data: str | None = None, eval_fraction: float = 0.1, epochs: int = 4, lr: float = 1e-3,
-                 batch_size: int = 32, max_length: int = 1024, step_tag: str = "\n", threshold: float = 0.5) -> None:
-        self.data, self.eval_fraction, self.epochs, self.lr = data, eval_fraction, epochs, lr
-        self.batch_size, self.max_length, self.step_tag, self.threshold = batch_size, max_length, step_tag, threshold
+    def __init__(self, **settings: Any) -> None:
+        self.cfg = PRMTrainConfig(**{k: v for k, v in settings.items() if k != "_target_"})
 
     @staticmethod
     def key(row: dict) -> str:
         return row["prompt"]
 
     def read(self, seed: int) -> list[dict]:
-        return read_stepwise(self.data)
+        return read_stepwise(self.cfg.data)
 
     def build(self, source: str, tokenizer):
         from transformers import AutoModelForTokenClassification
 
         model = AutoModelForTokenClassification.from_pretrained(source, num_labels=2)
-        model.config.step_separator = self.step_tag  # read back by reward=prm (format token_classification)
+        model.config.step_separator = self.cfg.step_tag  # read back by reward=prm (format token_classification)
         model.config.pad_token_id = _pad_id(tokenizer)
         return model
 
     def encode(self, row: dict, tokenizer) -> dict[str, list[int]]:
         """TRL's PRM layout: the step's label at its separator's last token, -100 elsewhere."""
-        ids, positions = token_classification_ids(tokenizer, row["prompt"], row["steps"], self.step_tag)
+        ids, positions = token_classification_ids(tokenizer, row["prompt"], row["steps"], self.cfg.step_tag)
         labels = [-100] * len(ids)
         for position, label in zip(positions, row["labels"]):
             labels[position] = int(label)
-        return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length]}
+        return {"input_ids": ids[: self.cfg.max_length], "labels": labels[: self.cfg.max_length]}
 
     def trainer(self, model, tokenizer, rows: list[dict], settings: dict):
         from datasets import Dataset
@@ -173,30 +171,28 @@ class PRMTraining:
     @torch.inference_mode()
     def evaluate(self, model, tokenizer, rows: list[dict]) -> dict[str, float]:
         device = next(model.parameters()).device
-        encoded = [token_classification_ids(tokenizer, r["prompt"], r["steps"], self.step_tag) for r in rows]
+        encoded = [token_classification_ids(tokenizer, r["prompt"], r["steps"], self.cfg.step_tag) for r in rows]
         probabilities: list[list[float]] = []
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start : start + self.batch_size]
+        for start in range(0, len(encoded), self.cfg.batch_size):
+            chunk = encoded[start : start + self.cfg.batch_size]
             ids, mask = _padded([i for i, _ in chunk], _pad_id(tokenizer), device)
             probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)[..., 1]
             probabilities.extend(probs[r, positions].tolist() for r, (_, positions) in enumerate(chunk))
-        return process_metrics(probabilities, [r["labels"] for r in rows], self.threshold)
+        return process_metrics(probabilities, [r["labels"] for r in rows], self.cfg.threshold)
 
 
 class ORMTraining:
     """A Bradley-Terry reward model (num_labels=1) through TRL's RewardTrainer."""
 
-    def __init__(self, data: str | None = None, eval_fraction: float = 0.1, epochs: int = 2, lr: float = 1e-3,
-                 batch_size: int = 16, max_length: int = 1024, pairs_per_prompt: int = 4) -> None:
-        self.data, self.eval_fraction, self.epochs, self.lr = data, eval_fraction, epochs, lr
-        self.batch_size, self.max_length, self.pairs_per_prompt = batch_size, max_length, pairs_per_prompt
+    def __init__(self, **settings: Any) -> None:
+        self.cfg = ORMTrainConfig(**{k: v for k, v in settings.items() if k != "_target_"})
 
     @staticmethod
     def key(row: dict) -> str:
         return json.dumps(row["messages"])
 
     def read(self, seed: int) -> list[dict]:
-        return read_preferences(self.data, self.pairs_per_prompt, seed)
+        return read_preferences(self.cfg.data, self.cfg.pairs_per_prompt, seed)
 
     def build(self, source: str, tokenizer):
         from transformers import AutoModelForSequenceClassification
@@ -208,7 +204,7 @@ class ORMTraining:
     def ids(self, tokenizer, messages: list[dict], completion: str) -> list[int]:
         """The tokens reward=orm scores (its own text and special-token rule), cut to max_length."""
         return tokenizer(orm_text(tokenizer, messages, completion), add_special_tokens=not tokenizer.chat_template,
-                         truncation=True, max_length=self.max_length)["input_ids"]
+                         truncation=True, max_length=self.cfg.max_length)["input_ids"]
 
     def trainer(self, model, tokenizer, rows: list[dict], settings: dict):
         from datasets import Dataset
@@ -217,7 +213,7 @@ class ORMTraining:
         data = Dataset.from_dict({
             "chosen_ids": [self.ids(tokenizer, r["messages"], r["chosen"]) for r in rows],
             "rejected_ids": [self.ids(tokenizer, r["messages"], r["rejected"]) for r in rows]})
-        args = RewardConfig(**settings, max_length=self.max_length, gradient_checkpointing=False)
+        args = RewardConfig(**settings, max_length=self.cfg.max_length, gradient_checkpointing=False)
         return RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
 
     @torch.inference_mode()
@@ -225,8 +221,8 @@ class ORMTraining:
         device = next(model.parameters()).device
         texts = [self.ids(tokenizer, r["messages"], r[side]) for r in rows for side in ("chosen", "rejected")]
         scores: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            ids, mask = _padded(texts[start : start + self.batch_size], _pad_id(tokenizer), device)
+        for start in range(0, len(texts), self.cfg.batch_size):
+            ids, mask = _padded(texts[start : start + self.cfg.batch_size], _pad_id(tokenizer), device)
             scores.extend(model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist())
         wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(scores[::2], scores[1::2])]
         return {"pair_accuracy": sum(wins) / len(wins)}
@@ -275,11 +271,11 @@ def _train_rm(cfg: DictConfig, run_dir: Path, launch) -> Path:
     setup_torch(cfg.run)
     launch.accept(run_dir, True)
     rm = instantiate(cfg.rm)
-    if rm.epochs < 1:
-        raise UserError(f"rm.epochs={rm.epochs} must be at least 1")
-    train_rows, held = split_by_prompt(rm.read(cfg.run.seed), rm.key, rm.eval_fraction, cfg.run.seed)
+    if rm.cfg.epochs < 1:
+        raise UserError(f"rm.epochs={rm.cfg.epochs} must be at least 1")
+    train_rows, held = split_by_prompt(rm.read(cfg.run.seed), rm.key, rm.cfg.eval_fraction, cfg.run.seed)
     if not train_rows:
-        raise UserError(f"rm.eval_fraction={rm.eval_fraction} holds out every prompt; lower it")
+        raise UserError(f"rm.eval_fraction={rm.cfg.eval_fraction} holds out every prompt; lower it")
     device = resolve_device(cfg.run.device)
     source = _tokenizer_source(cfg.policy)
     try:
@@ -310,7 +306,7 @@ def _train_rm(cfg: DictConfig, run_dir: Path, launch) -> Path:
         metrics.append(row)
         logger.log(row, step=epoch)
         shown = "  ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in row.items() if k.startswith("rm/"))
-        console.print(f"epoch {epoch:>2}/{rm.epochs}  {shown}", markup=False, highlight=False)
+        console.print(f"epoch {epoch:>2}/{rm.cfg.epochs}  {shown}", markup=False, highlight=False)
 
     class EveryEpoch(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs) -> None:
@@ -319,8 +315,9 @@ def _train_rm(cfg: DictConfig, run_dir: Path, launch) -> Path:
 
     record(0, {})
     with tempfile.TemporaryDirectory(prefix="rewardlab-rm-") as out:
-        settings = dict(output_dir=out, learning_rate=rm.lr, num_train_epochs=rm.epochs, seed=cfg.run.seed,
-                        per_device_train_batch_size=rm.batch_size, save_strategy="no", eval_strategy="no",
+        settings = dict(output_dir=out, learning_rate=rm.cfg.lr, num_train_epochs=rm.cfg.epochs,
+                        per_device_train_batch_size=rm.cfg.batch_size, seed=cfg.run.seed,
+                        save_strategy="no", eval_strategy="no",
                         logging_strategy="epoch", report_to="none", disable_tqdm=True, bf16=False,
                         use_cpu=device.type == "cpu", dataloader_num_workers=0)
         trainer = rm.trainer(model, tokenizer, train_rows, settings)
