@@ -72,7 +72,7 @@ class PRMTrainConfig:
     _target_: str = "rewardlab.rmlab.train.PRMTraining"
     data: Optional[str] = None  # a stepwise JSONL file, or a `rewardlab label` run directory (its labels.jsonl)
     eval_fraction: float = 0.1  # prompts held out for the per-epoch accuracy
-    epochs: int = 16  # the held-out F1 on arith still rose at epoch 10-16 (1k rows); ~1-2 min on 2 cores
+    epochs: int = 16  # 1k checker-labelled arith rows: held-out F1 still rose up to epochs 11-16
     lr: float = 1e-3
     batch_size: int = 32
     max_length: int = 1024  # tokens per row; longer rows are cut (their last steps go unlabelled), as TRL does
