@@ -242,5 +242,30 @@ def label(ctx: typer.Context) -> None:
     _hydra("label", list(ctx.args), _label_task)
 
 
+def _train_rm_task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from rewardlab.rmlab.train import train_rm as run_train_rm
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with user_errors():
+        model_dir = run_train_rm(cfg, run_dir)
+    typer.echo(f"model: {model_dir}")
+    typer.echo(f"run dir: {run_dir}")
+
+
+@app.command("train-rm", context_settings=HYDRA_ARGS)
+def train_rm(ctx: typer.Context) -> None:
+    """Train a reward model from a policy's backbone: `rewardlab train-rm rm=prm|orm rm.data=... [OVERRIDES...]`.
+
+    `rm=prm` (default): stepwise labels (`prompt`, `completions`, `labels`; a `rewardlab label` run dir works)
+    as token classification at each step separator. `rm=orm`: preference pairs (`prompt`, `chosen`, `rejected`)
+    or a `rewardlab train` run dir (correct vs incorrect completions by gold) through TRL's RewardTrainer.
+    Held-out accuracy per epoch goes to metrics.jsonl; the model to `<run dir>/model/`, which
+    `reward=prm reward.model=<dir>` / `reward=orm reward.model=<dir>` loads as is.
+    """
+    _hydra("train_rm", list(ctx.args), _train_rm_task)
+
+
 if __name__ == "__main__":
     app()

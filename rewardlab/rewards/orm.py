@@ -32,6 +32,15 @@ class ORMConfig:
     trust_remote_code: bool = False
 
 
+def orm_text(tokenizer, messages: list[dict[str, str]], completion: str) -> str:
+    """What the reward model reads: its chat template over the conversation and the reply, or plain text
+    (then encoded with the tokenizer's own special tokens). `rewardlab train-rm` trains on the same text."""
+    if tokenizer.chat_template:
+        exchange = [*messages, {"role": "assistant", "content": completion}]
+        return tokenizer.apply_chat_template(exchange, tokenize=False)
+    return [m["content"] for m in messages if m["role"] == "user"][-1] + completion
+
+
 class ORMReward(Reward):
     """Scalar score of each (prompt, completion) from a sequence-classification reward model."""
 
@@ -61,11 +70,7 @@ class ORMReward(Reward):
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
     def text(self, messages: list[dict[str, str]], completion: str) -> str:
-        """What the reward model reads: its chat template over the conversation and the reply, or plain text."""
-        if self.tokenizer.chat_template:
-            exchange = [*messages, {"role": "assistant", "content": completion}]
-            return self.tokenizer.apply_chat_template(exchange, tokenize=False)
-        return [m["content"] for m in messages if m["role"] == "user"][-1] + completion
+        return orm_text(self.tokenizer, messages, completion)
 
     @torch.inference_mode()
     def compute(self, batch: Batch) -> list[float]:

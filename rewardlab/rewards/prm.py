@@ -49,7 +49,7 @@ class PRMConfig:
     format: str = "auto"  # auto | math_shepherd | qwen_prm | token_classification
     aggregate: str = "min"  # min | last | prod | mean
     scale: str = "${oc.select:algo.prm_scale,prob}"  # prob (p) | signed (2p - 1, PURE); default: the algo's
-    step_tag: Optional[str] = None  # math_shepherd: ки, qwen_prm: <extra_0>, token_classification: \n
+    step_tag: Optional[str] = None  # none: the model config's step_separator, else ки / <extra_0> / \n by format
     good_token: str = "+"
     bad_token: str = "-"
     batch_size: int = 32
@@ -69,6 +69,21 @@ def _architectures(source: str, trust_remote_code: bool) -> list[str]:
         raise UserError(f"reward.model={source} cannot be loaded ({str(exc).splitlines()[0]}); "
                         f"give a local model directory or a hub id") from exc
     return list(getattr(config, "architectures", None) or [])
+
+
+def token_classification_ids(tokenizer, question: str, steps: list[str], separator: str
+                             ) -> tuple[list[int], list[int]]:
+    """TRL's PRM layout (PRMTrainer.tokenize_row): BOS when the tokenizer has one, the question, each step
+    followed by `separator`; returns the ids and each step's labelled position (its separator's last token).
+    `rewardlab train-rm` trains at exactly these positions and scoring reads them."""
+    tail = tokenizer.encode(separator, add_special_tokens=False)
+    ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + tokenizer.encode(
+        question, add_special_tokens=False)
+    positions = []
+    for step in steps:
+        ids += tokenizer.encode(step, add_special_tokens=False) + tail
+        positions.append(len(ids) - 1)
+    return ids, positions
 
 
 def detect_format(architectures: list[str], tokenizer) -> str:
@@ -120,7 +135,8 @@ class PRMReward(Reward):
         self.format = detect_format(architectures, self.tokenizer) if format == "auto" else format
         self.device = resolve_device(device)
         self.model = self._load(model, architectures, _DTYPES[dtype], trust_remote_code).to(self.device).eval()
-        self.tag = DEFAULT_TAGS[self.format] if step_tag is None else step_tag
+        saved_tag = getattr(self.model.config, "step_separator", None)  # written by `rewardlab train-rm`
+        self.tag = step_tag if step_tag is not None else saved_tag or DEFAULT_TAGS[self.format]
         self.tag_id = self._token_id(self.tag, "step_tag")
         self.head = None
         if self.format == "math_shepherd":
@@ -162,15 +178,8 @@ class PRMReward(Reward):
     def _encode(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         """The PRM's input for a raw question and its steps, and the token index where each step is scored."""
         tok = self.tokenizer
-        if self.format == "token_classification":  # TRL PRMTrainer.tokenize_row
-            separator = tok.encode(self.tag, add_special_tokens=False)
-            ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(
-                question, add_special_tokens=False)
-            positions = []
-            for step in steps:
-                ids += tok.encode(step, add_special_tokens=False) + separator
-                positions.append(len(ids) - 1)
-            return ids, positions
+        if self.format == "token_classification":
+            return token_classification_ids(tok, question, steps, self.tag)
         if self.format == "math_shepherd":  # the reference code: tokenizer.encode(f"{question} {output}")
             text, specials = question + " " + "".join(f"{step} {self.tag}\n" for step in steps), True
         elif tok.chat_template:

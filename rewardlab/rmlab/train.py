@@ -1,0 +1,332 @@
+"""`rewardlab train-rm`: train a process (`rm=prm`) or outcome (`rm=orm`) reward model from a policy's
+backbone and write `<run dir>/model/`, which `reward=prm reward.model=<dir>` / `reward=orm reward.model=<dir>`
+load as is.
+
+- PRM: TRL's stepwise-supervision rows (`prompt`, `completions` = the steps, `labels` = one bool per step;
+  `rewardlab label` writes them to `<run dir>/labels.jsonl`), trained as token classification with the label
+  at each step separator's last token and -100 elsewhere: TRL's PRM layout, built by the same function
+  `reward=prm` scores with (rewards/prm.py `token_classification_ids`), so training and scoring read the
+  same position. TRL 1.16 has no PRMTrainer (it left the main package and is not in `trl.experimental`
+  here), so transformers' `Trainer` runs it; the separator is saved in the model's config
+  (`step_separator`), where `reward=prm` reads it back.
+- ORM: TRL's preference rows (`prompt`, `chosen`, `rejected`), or a `rewardlab train` run directory whose
+  rollouts pair a correct with an incorrect completion of the same prompt (the `gold` column), through TRL's
+  `RewardTrainer` on pre-tokenized pairs: each text is what `reward=orm` reads (rewards/orm.py `orm_text`,
+  no EOS appended), so the score is trained where it is read.
+A held-out split by prompt (`rm.eval_fraction`) is scored before training and after every epoch into
+metrics.jsonl and W&B: PRM step accuracy, first-error and whole-solution accuracy and ProcessBench's F1;
+ORM pair accuracy (a tie counts half). The model is built in a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from rewardlab.config import schema
+from rewardlab.errors import UserError
+from rewardlab.io import write_json_atomic, write_text_atomic
+from rewardlab.rewards.orm import orm_text
+from rewardlab.rewards.prm import token_classification_ids
+from rewardlab.rmlab.rm_data import read_preferences, read_stepwise, split_by_prompt
+
+
+@dataclass
+class TrainRMRunConfig:
+    """`rewardlab train-rm` settings (`run.*`)."""
+
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    name: Optional[str] = None  # run name for W&B; defaults to the run directory's name
+    verbose: bool = False
+
+
+@dataclass
+class TrainRMConfig:
+    run: TrainRMRunConfig = field(default_factory=TrainRMRunConfig)
+    policy: Any = None
+    rm: Any = None
+    logger: Any = None
+
+
+ConfigStore.instance().store(name="_train_rm_schema", node=TrainRMConfig)
+
+
+@schema("rm", "prm")
+@dataclass
+class PRMTrainConfig:
+    _target_: str = "rewardlab.rmlab.train.PRMTraining"
+    data: Optional[str] = None  # a stepwise JSONL file, or a `rewardlab label` run directory (its labels.jsonl)
+    eval_fraction: float = 0.1  # prompts held out for the per-epoch accuracy
+    epochs: int = 16  # 1k checker-labelled arith rows: held-out F1 still rose up to epochs 11-16
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_length: int = 1024  # tokens per row; longer rows are cut (their last steps go unlabelled), as TRL does
+    step_tag: str = "\n"  # the separator after each step, saved in the model's config for reward=prm
+    threshold: float = 0.5  # held-out metrics: a step scored below it counts as wrong
+
+
+@schema("rm", "orm")
+@dataclass
+class ORMTrainConfig:
+    _target_: str = "rewardlab.rmlab.train.ORMTraining"
+    data: Optional[str] = None  # a preference JSONL file, or a `rewardlab train` run directory (its rollouts)
+    eval_fraction: float = 0.1
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_length: int = 1024
+    pairs_per_prompt: int = 4  # from rollouts: at most this many (correct, incorrect) pairs per prompt
+
+
+def first_error(flags: list[bool]) -> int:
+    """Index of the first False, -1 when all are True (ProcessBench's `label`)."""
+    return next((k for k, ok in enumerate(flags) if not ok), -1)
+
+
+def process_metrics(probabilities: list[list[float]], labels: list[list[bool]], threshold: float
+                    ) -> dict[str, float]:
+    """Held-out PRM accuracy: per step; per solution, whether the predicted first error (first step scored
+    below `threshold`) is the labelled one, and whether "all steps right" is; ProcessBench's accuracy on
+    the erroneous and the all-correct solutions and their harmonic mean (F1, 0 when either is 0)."""
+    steps = [(p >= threshold) == bool(y) for ps, ys in zip(probabilities, labels) for p, y in zip(ps, ys)]
+    predicted = [first_error([p >= threshold for p in ps]) for ps in probabilities]
+    gold = [first_error([bool(y) for y in ys]) for ys in labels]
+    hits = [p == g for p, g in zip(predicted, gold)]
+    erroneous = [h for h, g in zip(hits, gold) if g >= 0]
+    correct = [h for h, g in zip(hits, gold) if g < 0]
+    acc_error = sum(erroneous) / len(erroneous) if erroneous else math.nan
+    acc_correct = sum(correct) / len(correct) if correct else math.nan
+    both = acc_error + acc_correct
+    return {"step_accuracy": sum(steps) / len(steps), "first_error_accuracy": sum(hits) / len(hits),
+            "solution_accuracy": sum((p < 0) == (g < 0) for p, g in zip(predicted, gold)) / len(gold),
+            "acc_error": acc_error, "acc_correct": acc_correct,
+            "f1": 2 * acc_error * acc_correct / both if both > 0 else (0.0 if both == 0 else math.nan)}
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and their attention mask."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+class PRMTraining:
+    """Step-level binary classification at each separator (num_labels=2, score = P(class 1))."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.cfg = PRMTrainConfig(**{k: v for k, v in settings.items() if k != "_target_"})
+
+    @staticmethod
+    def key(row: dict) -> str:
+        return row["prompt"]
+
+    def read(self, seed: int) -> list[dict]:
+        return read_stepwise(self.cfg.data)
+
+    def build(self, source: str, tokenizer):
+        from transformers import AutoModelForTokenClassification
+
+        model = AutoModelForTokenClassification.from_pretrained(source, num_labels=2)
+        model.config.step_separator = self.cfg.step_tag  # read back by reward=prm (format token_classification)
+        model.config.pad_token_id = _pad_id(tokenizer)
+        return model
+
+    def encode(self, row: dict, tokenizer) -> dict[str, list[int]]:
+        """TRL's PRM layout: the step's label at its separator's last token, -100 elsewhere."""
+        ids, positions = token_classification_ids(tokenizer, row["prompt"], row["steps"], self.cfg.step_tag)
+        labels = [-100] * len(ids)
+        for position, label in zip(positions, row["labels"]):
+            labels[position] = int(label)
+        return {"input_ids": ids[: self.cfg.max_length], "labels": labels[: self.cfg.max_length]}
+
+    def trainer(self, model, tokenizer, rows: list[dict], settings: dict):
+        from datasets import Dataset
+        from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
+
+        encoded = [self.encode(r, tokenizer) for r in rows]
+        data = Dataset.from_dict({k: [e[k] for e in encoded] for k in ("input_ids", "labels")})
+        return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=data,
+                       data_collator=DataCollatorForTokenClassification(tokenizer), processing_class=tokenizer)
+
+    @torch.inference_mode()
+    def evaluate(self, model, tokenizer, rows: list[dict]) -> dict[str, float]:
+        device = next(model.parameters()).device
+        encoded = [token_classification_ids(tokenizer, r["prompt"], r["steps"], self.cfg.step_tag) for r in rows]
+        probabilities: list[list[float]] = []
+        for start in range(0, len(encoded), self.cfg.batch_size):
+            chunk = encoded[start : start + self.cfg.batch_size]
+            ids, mask = _padded([i for i, _ in chunk], _pad_id(tokenizer), device)
+            probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)[..., 1]
+            probabilities.extend(probs[r, positions].tolist() for r, (_, positions) in enumerate(chunk))
+        return process_metrics(probabilities, [r["labels"] for r in rows], self.cfg.threshold)
+
+
+class ORMTraining:
+    """A Bradley-Terry reward model (num_labels=1) through TRL's RewardTrainer."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.cfg = ORMTrainConfig(**{k: v for k, v in settings.items() if k != "_target_"})
+
+    @staticmethod
+    def key(row: dict) -> str:
+        return json.dumps(row["messages"])
+
+    def read(self, seed: int) -> list[dict]:
+        return read_preferences(self.cfg.data, self.cfg.pairs_per_prompt, seed)
+
+    def build(self, source: str, tokenizer):
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+        model.config.pad_token_id = _pad_id(tokenizer)
+        return model
+
+    def ids(self, tokenizer, messages: list[dict], completion: str) -> list[int]:
+        """The tokens reward=orm scores (its own text and special-token rule), cut to max_length."""
+        return tokenizer(orm_text(tokenizer, messages, completion), add_special_tokens=not tokenizer.chat_template,
+                         truncation=True, max_length=self.cfg.max_length)["input_ids"]
+
+    def trainer(self, model, tokenizer, rows: list[dict], settings: dict):
+        from datasets import Dataset
+        from trl import RewardConfig, RewardTrainer
+
+        data = Dataset.from_dict({
+            "chosen_ids": [self.ids(tokenizer, r["messages"], r["chosen"]) for r in rows],
+            "rejected_ids": [self.ids(tokenizer, r["messages"], r["rejected"]) for r in rows]})
+        args = RewardConfig(**settings, max_length=self.cfg.max_length, gradient_checkpointing=False)
+        return RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+
+    @torch.inference_mode()
+    def evaluate(self, model, tokenizer, rows: list[dict]) -> dict[str, float]:
+        device = next(model.parameters()).device
+        texts = [self.ids(tokenizer, r["messages"], r[side]) for r in rows for side in ("chosen", "rejected")]
+        scores: list[float] = []
+        for start in range(0, len(texts), self.cfg.batch_size):
+            ids, mask = _padded(texts[start : start + self.cfg.batch_size], _pad_id(tokenizer), device)
+            scores.extend(model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist())
+        wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(scores[::2], scores[1::2])]
+        return {"pair_accuracy": sum(wins) / len(wins)}
+
+
+def save_model(model, tokenizer, run_dir: Path) -> Path:
+    """`<run dir>/model/`, built in a temporary directory beside it and renamed into place."""
+    target = run_dir / "model"
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=run_dir))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def train_rm(cfg: DictConfig, run_dir: Path) -> Path:
+    """Read and check `rm.data` (nothing is written if it is refused), train, write `<run dir>/model/`.
+    What libraries print goes to stderr: stdout is left to the results."""
+    from rewardlab.run import Launch
+
+    launch = Launch()
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            return _train_rm(cfg, run_dir, launch)
+        except BaseException:
+            launch.failed()
+            raise
+
+
+def _train_rm(cfg: DictConfig, run_dir: Path, launch) -> Path:
+    from hydra.utils import instantiate
+    from transformers import PrinterCallback, TrainerCallback
+
+    from rewardlab import provenance
+    from rewardlab.policy import load_tokenizer, resolve_device
+    from rewardlab.run import setup_torch
+    from rewardlab.scoring import _tokenizer_source
+    from rewardlab.tracking import MetricsFile, console, quiet_libraries
+
+    quiet_libraries(cfg.run.verbose)
+    setup_torch(cfg.run)
+    launch.accept(run_dir, True)
+    rm = instantiate(cfg.rm)
+    if rm.cfg.epochs < 1:
+        raise UserError(f"rm.epochs={rm.cfg.epochs} must be at least 1")
+    train_rows, held = split_by_prompt(rm.read(cfg.run.seed), rm.key, rm.cfg.eval_fraction, cfg.run.seed)
+    if not train_rows:
+        raise UserError(f"rm.eval_fraction={rm.cfg.eval_fraction} holds out every prompt; lower it")
+    device = resolve_device(cfg.run.device)
+    source = _tokenizer_source(cfg.policy)
+    try:
+        tokenizer = load_tokenizer(source)
+        tokenizer.padding_side = "right"  # as the rewards pad: positions count from the first token
+        model = rm.build(source, tokenizer).to(device)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot build a reward model from the policy {source}: {str(exc).splitlines()[0]}") from None
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():  # the Hydra record of a first start (as `train` writes it)
+        provenance.record(run_dir, cfg, 0)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    logger = instantiate(cfg.logger)
+    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.run.name or run_dir.name)
+    launch.started = True
+    metrics = MetricsFile(run_dir / "metrics.jsonl")
+    console.print(f"train-rm: {len(train_rows)} rows to train on, {len(held)} held out, from {source}")
+    began = time.perf_counter()
+
+    def record(epoch: int, logs: dict[str, float]) -> None:
+        row: dict[str, float] = {"epoch": epoch, "time/train": time.perf_counter() - began}
+        row.update({f"rm/train/{k}": float(v) for k, v in logs.items() if k in ("loss", "accuracy")})
+        if held:
+            model.eval()
+            row.update({f"rm/eval/{k}": v for k, v in rm.evaluate(model, tokenizer, held).items()})
+            model.train(epoch > 0)
+        metrics.append(row)
+        logger.log(row, step=epoch)
+        shown = "  ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in row.items() if k.startswith("rm/"))
+        console.print(f"epoch {epoch:>2}/{rm.cfg.epochs}  {shown}", markup=False, highlight=False)
+
+    class EveryEpoch(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+            if logs and "loss" in logs:  # the epoch's training log (the run's last log has train_loss only)
+                record(round(state.epoch), logs)
+
+    record(0, {})
+    with tempfile.TemporaryDirectory(prefix="rewardlab-rm-") as out:
+        settings = dict(output_dir=out, learning_rate=rm.cfg.lr, num_train_epochs=rm.cfg.epochs,
+                        per_device_train_batch_size=rm.cfg.batch_size, seed=cfg.run.seed,
+                        save_strategy="no", eval_strategy="no",
+                        logging_strategy="epoch", report_to="none", disable_tqdm=True, bf16=False,
+                        use_cpu=device.type == "cpu", dataloader_num_workers=0)
+        trainer = rm.trainer(model, tokenizer, train_rows, settings)
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+        trainer.add_callback(EveryEpoch())
+        trainer.train()
+    model.eval()
+    model_dir = save_model(model, tokenizer, run_dir)
+    write_json_atomic(run_dir / "summary.json", {"final": metrics.rows[-1], "model": str(model_dir),
+                                                 "train_rows": len(train_rows), "eval_rows": len(held)})
+    logger.finish()
+    return model_dir

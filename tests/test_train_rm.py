@@ -1,0 +1,153 @@
+"""`rewardlab train-rm`: PRM and ORM training end to end on the tiny backbone, the saved models loading and
+scoring through the reward group (at the positions training labelled), held-out metrics by hand, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewardlab.errors import UserError
+from rewardlab.rmlab.rm_data import split_by_prompt
+from rewardlab.rmlab.train import ORMTraining, PRMTraining, process_metrics
+from tests.conftest import read_metrics, run_cli
+from tests.reward_fixtures import make_batch
+
+FAST = ("logger=none", "run.threads=1", "run.device=cpu", "rm.eval_fraction=0.25", "rm.batch_size=8")
+
+
+def arith_lines(rng: random.Random) -> list[str]:
+    a, b = rng.randint(1, 49), rng.randint(1, 49)
+    return [f"{a}+{b}={a + b}", f"#### {a + b}"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def stepwise_rows(count: int) -> list[dict]:
+    """A rule a few steps of training learn: a step is wrong exactly when it ends with '?'."""
+    rng, rows = random.Random(0), []
+    for i in range(count):
+        steps = arith_lines(rng)
+        labels = [rng.random() < 0.5 for _ in steps]
+        rows.append({"prompt": f"{i}+1=?\n", "completions": [s if ok else s + "?" for s, ok in zip(steps, labels)],
+                     "labels": labels, "soft_labels": [float(y) for y in labels], "reference": str(i + 1)})
+    return rows
+
+
+def run_dir_of(result) -> Path:
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("run dir: ")
+    return Path(last.removeprefix("run dir: "))
+
+
+def test_process_metrics_by_hand():
+    probabilities = [[0.9, 0.2, 0.8], [0.9, 0.9], [0.3, 0.9], [0.9, 0.6]]
+    labels = [[True, False, False], [True, True], [True, False], [True, True]]
+    m = process_metrics(probabilities, labels, threshold=0.5)
+    # steps right: row 0 3/3 (0.8 vs False is wrong: 2/3), row 1 2/2, row 2 0/2, row 3 2/2 -> 6/9
+    assert m["step_accuracy"] == pytest.approx(6 / 9)
+    # first errors predicted/gold: 1/1, -1/-1, 0/1, -1/-1 -> erroneous rows 1/2 right, correct rows 2/2
+    assert m["acc_error"] == pytest.approx(0.5) and m["acc_correct"] == pytest.approx(1.0)
+    assert m["f1"] == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+    assert m["first_error_accuracy"] == pytest.approx(0.75) and m["solution_accuracy"] == pytest.approx(1.0)
+    assert math.isnan(process_metrics([[0.9]], [[True]], 0.5)["f1"])  # no erroneous row: F1 undefined
+
+
+def test_split_holds_out_whole_prompts():
+    rows = [{"prompt": str(i // 3)} for i in range(30)]  # 10 prompts x 3 rows
+    train, held = split_by_prompt(rows, PRMTraining.key, 0.2, seed=0)
+    assert len(held) == 6 and len(train) == 24
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+
+
+def test_orm_pairs_from_a_run_directory(tmp_path):
+    """Correct vs incorrect completions of the same prompt by `gold`; a prompt with one kind gives none."""
+    batch = make_batch(["1+1=?\n"] * 3 + ["2+2=?\n"] * 2, ["2", "2", "3", "4", "4 "], ["2", "2", "2", "4", "4"])
+    batch.gold = [True, True, False, True, True]
+    batch.save(tmp_path / "rollouts" / "iter_001.parquet")
+    rows = ORMTraining(data=str(tmp_path)).read(seed=0)
+    assert rows == [{"messages": [{"role": "user", "content": "1+1=?\n"}], "chosen": "2", "rejected": "3"}]
+
+
+def test_bad_preference_and_label_rows_name_file_and_row(tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "1+1=?\n", "chosen": "2"}])
+    with pytest.raises(UserError, match=rf"{pairs}:1 has no `rejected`"):
+        ORMTraining(data=str(pairs)).read(seed=0)
+    with pytest.raises(UserError, match="has no labels.jsonl"):
+        PRMTraining(data=str(tmp_path)).read(seed=0)
+
+
+def test_prm_trains_and_loads_through_reward_prm(tmp_path):
+    """End to end on the tiny backbone with a non-default separator: the held-out step accuracy rises,
+    model/ loads with reward=prm's auto format and the saved separator, and it scores a completion at
+    exactly the positions training labelled."""
+    from rewardlab.rewards.prm import PRMReward
+
+    data = write_jsonl(tmp_path / "labels.jsonl", stepwise_rows(64))
+    result = run_cli("train-rm", f"rm.data={data}", "rm.epochs=3", "rm.lr=3e-3", "rm.step_tag=:", *FAST,
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    run_dir = run_dir_of(result)
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and all("rm/train/loss" in r for r in rows[1:])
+    assert rows[-1]["rm/eval/step_accuracy"] >= 0.9 > rows[0]["rm/eval/step_accuracy"]
+    assert {"rm/eval/f1", "rm/eval/first_error_accuracy", "rm/eval/solution_accuracy"} <= set(rows[-1])
+
+    reward = PRMReward(model=str(run_dir / "model"), device="cpu")
+    assert reward.format == "token_classification" and reward.tag == ":"
+    prompt, steps = "7+1=?\n", ["3+4=7", "#### 7?"]
+    batch = make_batch([prompt], ["\n".join(steps)], ["7"])
+    reward.score(batch)
+    encoded = PRMTraining(step_tag=":").encode({"prompt": prompt, "steps": steps, "labels": [True, False]},
+                                               reward.tokenizer)
+    labelled = [i for i, y in enumerate(encoded["labels"]) if y != -100]
+    with torch.no_grad():
+        logits = reward.model(input_ids=torch.tensor([encoded["input_ids"]])).logits[0]
+    assert batch.step_rewards[0] == pytest.approx(logits[labelled].softmax(-1)[:, 1].tolist(), abs=1e-5)
+    assert batch.step_rewards[0][0] > batch.step_rewards[0][1]  # the learned rule, read where trained
+
+
+def test_orm_trains_and_loads_through_reward_orm(tmp_path):
+    """TRL's RewardTrainer on preference rows learns the rule, and reward=orm scores the saved model on
+    exactly the tokens it was trained on."""
+    from rewardlab.rewards.orm import ORMReward
+
+    rng = random.Random(1)
+    pairs = [{"prompt": f"{i}+0=?\n", "chosen": "\n".join(arith_lines(rng)),
+              "rejected": "\n".join(arith_lines(rng)) + "?"} for i in range(64)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    run_dir = run_dir_of(run_cli("train-rm", "rm=orm", f"rm.data={data}", "rm.epochs=3", "rm.lr=3e-3", *FAST,
+                                 f"hydra.run.dir={tmp_path / 'run'}"))
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    # a fixed rule gives an untrained head ~0 or ~1 pair accuracy by chance: check the Bradley-Terry loss fell
+    assert rows[-1]["rm/eval/pair_accuracy"] >= 0.9 and rows[-1]["rm/train/loss"] < rows[1]["rm/train/loss"]
+
+    reward = ORMReward(model=str(run_dir / "model"), device="cpu")
+    batch = make_batch(["5+0=?\n"] * 2, ["2+3=5\n#### 5", "2+3=5\n#### 5?"], ["5"] * 2)
+    scores = reward.compute(batch)
+    ids = ORMTraining().ids(reward.tokenizer, batch.conversation(0), batch.completion[0])
+    with torch.no_grad():
+        direct = reward.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert scores[0] == pytest.approx(direct, abs=1e-5) and scores[0] > scores[1]
+
+
+@pytest.mark.parametrize("case", ["mismatch", "missing"])
+def test_bad_data_one_line_exit_2_nothing_written(tmp_path, case):
+    rows = stepwise_rows(3)
+    rows[1]["labels"] = rows[1]["labels"][:1]
+    data = write_jsonl(tmp_path / "labels.jsonl", rows) if case == "mismatch" else tmp_path / "absent.jsonl"
+    run_dir = tmp_path / "run"
+    result = run_cli("train-rm", f"rm.data={data}", *FAST, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(data) in lines[0]
+    assert (f"{data}:2" in lines[0]) if case == "mismatch" else "does not exist" in lines[0]
+    assert not run_dir.exists()
