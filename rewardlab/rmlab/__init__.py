@@ -1,0 +1,1 @@
+"""The reward-model lab: label steps, train and benchmark reward models."""
