@@ -161,6 +161,23 @@ def test_beam_search_needs_a_process_reward():
         BeamSearch(beam_width=0)
 
 
+@pytest.mark.parametrize("choice", ["greedy", "best_of_n", "weighted_majority", "beam"])
+def test_every_search_choice_composes_into_eval(choice):
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rewardlab.config import register_schemas
+    from rewardlab.search import configured
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
+        cfg = compose("eval", overrides=[f"search={choice}", "reward=arith_steps"])
+        assert compose("eval").search.name == "greedy" and compose("eval").reward is None  # today's eval
+    search = configured(cfg.search, has_reward=True)
+    assert (search is None) == (choice == "greedy") and (search is None or search.name == choice)
+
+
 # ---- end to end with the tiny policy ------------------------------------------------------------------------
 def test_eval_best_of_n_end_to_end(tmp_path):
     done = run_cli("eval", "search=best_of_n", "search.n=4", "reward=arith_steps", "run.eval_size=4",
