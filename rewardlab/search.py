@@ -149,7 +149,7 @@ def is_final(step: str, answer_format: str) -> bool:
 class BeamSearch:
     """PRM-guided step-level beam search: each open beam is expanded `expansions` times by one step (the root
     `beam_width * expansions` times), every candidate is scored by the process reward on its partial solution,
-    and the `beam_width` best open ones per prompt go on (identical texts once). A candidate finishes on EOS,
+    and the `beam_width` best open ones per prompt go on. A candidate finishes on EOS,
     a final-answer step, `max_steps` steps or the generation's token budget; the finished compete on their
     score, which is the reward's own aggregate of the step scores (reward.aggregate)."""
 
@@ -232,7 +232,8 @@ class BeamSearch:
         return batch
 
     def _keep(self, candidates: list[Beam], scores: list[float]) -> list[Beam]:
-        """The `beam_width` best-scored open candidates of each prompt, identical texts counted once."""
+        """The `beam_width` best-scored open candidates of each prompt (ties: the first sampled). Identical
+        texts each keep their slot, as in sampled beam search: a prefix sampled often is expanded more."""
         by_prompt: dict[int, list[int]] = {}
         for i, beam in enumerate(candidates):
             if not beam.finish:
@@ -240,11 +241,7 @@ class BeamSearch:
         kept: list[Beam] = []
         for rows in by_prompt.values():
             order = sorted(rows, key=lambda i: scores[i] if _finite(scores[i]) else -math.inf, reverse=True)
-            texts: set[str] = set()
-            for i in order:
-                if candidates[i].text not in texts and len(texts) < self.beam_width:
-                    texts.add(candidates[i].text)
-                    kept.append(candidates[i])
+            kept.extend(candidates[i] for i in order[: self.beam_width])
         return kept
 
 
