@@ -239,7 +239,9 @@ def test_kl_in_the_reward_and_process_rewards_at_step_ends(small, monkeypatch):
 def test_a_local_critic_model_and_a_checkpoint_whose_head_it_cannot_take(small, tmp_path):
     policy, narrow = small
     algo = PPO(AlgoContext(), critic={"model": narrow.source})
+    rng = torch.get_rng_state()
     algo.setup(policy)
+    assert torch.equal(torch.get_rng_state(), rng)  # building the critic draws nothing from the run's RNG
     assert algo.critic.model.head.in_features == 16
     wide = PPO(AlgoContext())
     wide.setup(policy)

@@ -3,8 +3,9 @@ clipped value loss and its state in the algorithm's checkpoint.
 
 `critic.model` null copies the policy's starting backbone (AutoModel over the policy's source, so a resume
 rebuilds the same one before loading the saved weights); a local directory loads that model's backbone. The
-head is a linear layer on the last hidden state, initialised from its own seeded generator (never the global
-RNG, so building the critic does not shift the sampling of an uninterrupted run against a resumed one).
+head is a linear layer on the last hidden state, initialised from its own seeded generator, and the whole build
+runs in a fork of the global RNG: a resumed run builds its critic at a later iteration than the uninterrupted
+run did, so any draw from the global generator would shift its sampling.
 Written here rather than taken from TRL: TRL's PPOTrainer owns its own generation loop and its value head
 lives inside it; verl's critic is a Ray worker. The formulas match verl's `compute_value_loss` and its
 explained-variance metric (tests/test_ppo.py checks both against them).
@@ -108,9 +109,11 @@ def load_value_model(cfg: CriticConfig, policy, seed: int) -> ValueModel:
     if vocab is not None and vocab < len(policy.tokenizer):
         raise UserError(f"{where} has a vocabulary of {vocab} tokens but the policy's tokenizer has "
                         f"{len(policy.tokenizer)}: the critic reads the policy's token ids, so it needs the same tokenizer")
-    with torch.random.fork_rng(devices=[]):  # whatever from_pretrained draws stays off the run's RNG stream
+    # off the run's RNG stream: from_pretrained and nn.Linear draw from the global generator, and a resumed run
+    # builds its critic later than the uninterrupted one did, so any draw here would shift its sampling
+    with torch.random.fork_rng(devices=[]):
         backbone = AutoModel.from_pretrained(source, dtype=policy.model.dtype).to(policy.device)
-    return ValueModel(backbone, hidden, cfg.init_std, seed)
+        return ValueModel(backbone, hidden, cfg.init_std, seed)
 
 
 class Critic:
