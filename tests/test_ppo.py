@@ -218,7 +218,7 @@ def test_kl_in_the_reward_and_process_rewards_at_step_ends(small, monkeypatch):
     ArithStepsReward().score(batch)
     batch.rewards["verifiable"] = [1.0, 0.0, 0.0]
     algo = PPO(AlgoContext(max_new_tokens=16), credit="sum", outcome="verifiable", beta=0.1, kl_in_reward=True)
-    rewards = algo.token_rewards(batch, policy.tokenizer, 17)
+    rewards = algo.rewards_per_token(batch, policy.tokenizer, 17)
     first_step_end = batch.completion[0].index("\n") - 1  # the arith step "17+5=22" ends on its last char
     assert rewards[0, first_step_end] == batch.step_rewards[0][0]
     assert float(rewards[0].sum()) == pytest.approx(sum(batch.step_rewards[0]) + 1.0)
@@ -330,4 +330,9 @@ def test_torchrun_two_ranks_train_identical_policy_and_critic_weights(tiny_polic
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert len(set(summary["rank_param_sha256"])) == 1 and len(set(summary["rank_critic_param_sha256"])) == 1
+    from rewardlab.algos.critic import CriticConfig, load_value_model
+    from rewardlab.distributed import param_digest
+
+    initial = param_digest(load_value_model(CriticConfig(), tiny_policy, seed=0))
+    assert summary["rank_critic_param_sha256"][0] != initial  # the critic trained, identically on both ranks
     assert SKIPPED not in rows(run_dir)[-1] and rows(run_dir)[-1]["rollouts"] == 16.0

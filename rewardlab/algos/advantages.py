@@ -11,6 +11,10 @@ token, and a token's advantage is the sum over its own and all later positions. 
 step rewards as given, `credit=min` PURE's softmax(-r/T) transform; the baseline comes from the
 outcome estimator's name: grpo normalizes the group's steps (GRPO §4.1.3), rloo is PURE's token-level
 leave-one-out baseline.
+
+For PPO (`algo=ppo`, ppo.py): `token_rewards` places outcome and step rewards on tokens, `gae` turns them
+and a critic's values into advantages and returns (verl's `compute_gae_advantage_return`, with a per-row
+lambda for VAPO's `adaptive_lambda`), and `whiten` normalizes advantages over the batch's tokens.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ class PPO(PolicyGradient):
         self.critic_updates = state.get("critic_updates", 0)
 
     # ---- the update ----------------------------------------------------------------------------
-    def token_rewards(self, batch: Batch, tokenizer, width: int) -> torch.Tensor:
+    def rewards_per_token(self, batch: Batch, tokenizer, width: int) -> torch.Tensor:
         """(N, width) float64 token rewards before any KL penalty (module docstring)."""
         lengths = torch.tensor([len(c) for c in batch.completion_ids])
         if self.cfg.credit == "outcome":
@@ -126,7 +126,7 @@ class PPO(PolicyGradient):
         t = to_tensors(batch, policy.tokenizer.pad_token_id, policy.device)
         mask = t.completion_mask
         old_values = self.critic.values(t, self._micro_rows(t))
-        rewards = self.token_rewards(batch, policy.tokenizer, t.completion_width).to(policy.device, torch.float32)
+        rewards = self.rewards_per_token(batch, policy.tokenizer, t.completion_width).to(policy.device, torch.float32)
         metrics: dict[str, Any] = {}
         if cfg.kl_in_reward and cfg.beta > 0:
             with policy.full_weights():
