@@ -164,6 +164,13 @@ class PPO(PolicyGradient):
         n = t.input_ids.shape[0]
         size = self.cfg.minibatch_size if self.cfg.critic.minibatch_size is None else self.cfg.critic.minibatch_size
         size = size if size > 0 else n
+        if self.cfg.critic.minibatch_size and torch.distributed.is_initialized():
+            counts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(counts, n)
+            if len(set(counts)) > 1:  # unequal critic steps across ranks would leave an all-reduce waiting
+                raise UserError(f"filters left different numbers of rollouts on the ranks ({counts}), and "
+                                f"algo.critic.minibatch_size>0 would give their critics different numbers of "
+                                f"steps; leave algo.critic.minibatch_size null with algo.minibatch_size=0")
         micro = self._micro_rows(t)
         sums: dict[str, float] = {}
         steps = 0
