@@ -1,6 +1,7 @@
 """Peak memory of one policy-gradient update on a model with a large vocabulary: TRL's fused LM head (what
-rewardlab.algos.losses uses from a 32,768-word vocabulary on), the chunked selective log-softmax over the
-model's logits (the path below that size), and the full-vocabulary fp32 log_softmax both replaced.
+rewardlab.algos.losses uses on CUDA from a 32,768-word vocabulary on; forced onto the CPU here), the chunked
+selective log-softmax over the model's logits (rewardlab's path elsewhere), and the full-vocabulary fp32
+log_softmax both replaced.
 
 A Llama of tiny depth (1 layer, hidden 64) with Qwen2.5's vocabulary (151,936) and random weights, so the
 logits dominate; one `PolicyGradient.update` (defaults: one micro-batch of every row, beta 0) on random
@@ -51,7 +52,9 @@ def measure(formula: str, rows: int, completion: int, vocab: int, hidden: int, d
     from rewardlab.rollout import Batch
 
     torch.manual_seed(0)
-    if formula != "fused":  # the logits path, at any vocabulary
+    if formula == "fused":  # TRL's fused head (on CPU too, where rewardlab does not use it by default)
+        losses.FUSED_HEAD_DEVICES = ("cuda", "cpu")
+    else:  # the logits path, at any vocabulary
         losses.FUSED_HEAD_MIN_VOCAB = 1 << 62
     if formula == "full":
         losses.selective_logprobs = full_formula

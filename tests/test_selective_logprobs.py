@@ -92,6 +92,7 @@ def test_the_fused_head_at_a_large_vocabulary_equals_the_logits_path(monkeypatch
     entropy and parameter gradients of the plain logits path, and leaves the model's ordinary forward alone."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    monkeypatch.setattr(losses, "FUSED_HEAD_DEVICES", ("cuda", "cpu"))  # on CPU only when asked (slower there)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=losses.FUSED_HEAD_MIN_VOCAB + 7, hidden_size=16, intermediate_size=32,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)

@@ -112,13 +112,16 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature:
     return logps, ent
 
 
-FUSED_HEAD_MIN_VOCAB = 32_768  # from this vocabulary size on, log-probs come from TRL's fused LM head
+FUSED_HEAD_MIN_VOCAB = 32_768  # from this vocabulary size on, log-probs come from TRL's fused LM head ...
+FUSED_HEAD_DEVICES = ("cuda",)  # ... on these devices: elsewhere TRL folds 4096 x 32768 fp32 tiles in torch ops,
+# which measured no smaller than the chunked path below and twice as slow on CPU (BENCHMARKS.md section 6)
 
 
 def fused_head(model, temperature: float):
     """The causal LM inside `model` (DDP's or DeepSpeed's `.module`, PEFT's base model) with TRL's fused LM
     head (`trl.trainer.utils.add_fused_lm_head`, what GRPOTrainer uses) added for `temperature`, or None
-    where the plain path is used: a small vocabulary, whose logits cost little and one matmul is faster; no
+    where the plain path is used: a small vocabulary, whose logits cost little and one matmul is faster; a
+    device where TRL has no Triton kernel for it (FUSED_HEAD_DEVICES); no
     output embeddings; or a head already added for another temperature. The fused head projects the hidden
     states through the LM head in tiles and keeps no (n, C, V) logits in either pass: at a 151,936-word
     vocabulary the logits and their gradient are 2.5 GB per 8 rows of 256 tokens in fp32. Without
@@ -129,7 +132,7 @@ def fused_head(model, temperature: float):
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if head is None or head.weight.shape[0] < FUSED_HEAD_MIN_VOCAB:
+    if head is None or head.weight.shape[0] < FUSED_HEAD_MIN_VOCAB or head.weight.device.type not in FUSED_HEAD_DEVICES:
         return None
     patched = inner.__dict__.get("_rewardlab_fused_temperature")
     if patched is None:
