@@ -89,9 +89,11 @@ def step_positions(batch: Batch, tokenizer) -> list[list[int]]:
 class PolicyGradient:
     """Group policy gradient with a clipped ratio; estimator, clipping and aggregation are settings."""
 
+    config_class = PGConfig  # a subclass with more settings (algo=prime) names its schema here
+
     def __init__(self, context: AlgoContext | None = None, **settings: Any) -> None:
         context = context or AlgoContext()
-        self.cfg = PGConfig(**{k: v for k, v in settings.items() if k != "_target_"})
+        self.cfg = self.config_class(**{k: v for k, v in settings.items() if k != "_target_"})
         check_settings(self.cfg)
         if self.cfg.credit != "outcome" and not getattr(context.reward, "process", True):
             raise UserError(f"algo.credit={self.cfg.credit} needs a process reward (one that writes step_rewards, "
