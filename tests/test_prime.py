@@ -18,7 +18,8 @@ import torch
 
 from conftest import read_metrics, run_cli
 from rewardlab.algos import AlgoContext
-from rewardlab.algos.prime import Prime, batch_normalize, cross_entropy, implicit_rewards, prime_advantages, process_rloo
+from rewardlab.algos.prime import (Prime, batch_normalize, cross_entropy, implicit_rewards, pairwise_accuracy,
+                                   prime_advantages, process_rloo)
 from rewardlab.checkpoint import load_state
 from rewardlab.errors import UserError
 from rewardlab.policy import Policy
@@ -106,6 +107,26 @@ def prime_rloo_returns(scores: dict, eos_mask, n_samples):
     return verl_masked_whiten(sum(discount_rewards), eos_mask)
 
 
+def prime_dpo_accuracy(token_level_scores, acc, eos_mask, n_samples):
+    """training/verl/trainer/ppo/core_algos.py: compute_dpo_accuracy."""
+    dpo_acc = []
+    for start_id in range(0, token_level_scores.shape[0], n_samples):
+        cur_scores = (token_level_scores[start_id:start_id + n_samples] * eos_mask[start_id:start_id + n_samples]).sum(dim=1)
+
+        def get_upper_triangle(tensor_x):
+            diff_matrix = tensor_x.unsqueeze(1) - tensor_x.unsqueeze(0)
+            return diff_matrix[torch.triu(torch.ones_like(diff_matrix).bool(), diagonal=1)]
+
+        cur_acc_diff = get_upper_triangle(acc[start_id:start_id + n_samples])
+        cur_score_diff = get_upper_triangle(cur_scores)
+        if cur_acc_diff.abs().sum() == 0:
+            cur_acc = torch.zeros_like((cur_score_diff > 0).float()[0]) + 0.5
+        else:
+            cur_acc = (((cur_score_diff > 0) == (cur_acc_diff > 0)).float() * cur_acc_diff.abs()).sum() / cur_acc_diff.abs().sum()
+        dpo_acc.append(cur_acc.unsqueeze(0))
+    return torch.cat(dpo_acc, dim=0).mean()
+
+
 def test_the_formulas_equal_prime_code_on_the_same_inputs():
     torch.manual_seed(3)
     n, groups_of, width, beta = 4, 3, 7, 0.05
@@ -125,6 +146,11 @@ def test_the_formulas_equal_prime_code_on_the_same_inputs():
     token_rewards = batch_normalize(implicit_rewards(logps, ref, mask, beta))  # beta cancels in the norm
     ours = prime_advantages(token_rewards, acc, mask, groups)
     assert torch.allclose(ours, theirs * mask, atol=1e-4)
+
+    sequence = implicit_rewards(logps, ref, mask, beta).sum(-1)
+    same = torch.tensor([1.0, 1.0, 1.0, 1.0])  # a group whose labels are all equal counts 0.5, as in PRIME
+    labels = torch.cat([acc[:8], same])
+    assert pairwise_accuracy(sequence, labels, groups) == pytest.approx(float(prime_dpo_accuracy(q, labels, mask, n)))
 
 
 # ---- the algorithm on a small random model --------------------------------------------------------------
@@ -171,7 +197,7 @@ def test_the_prm_learns_the_labels_and_its_state_round_trips_exactly(saved_small
     algo = prime()
     first = algo.update(policy, batch)
     assert first["prime/reward_mean"] == 0.0 and first["prime/accuracy"] == 0.5  # the PRM starts as the reference
-    assert first["prime/loss"] == pytest.approx(math.log(2))
+    assert first["prime/loss"] == pytest.approx(math.log(2)) and first["prime/pairwise_accuracy"] == 0.0  # all tied
     assert algo.advantages(batch).shape == (4, max(len(c) for c in batch.completion_ids))
 
     saved_state, saved_weights = copy.deepcopy(algo.state_dict()), copy.deepcopy(policy.model.state_dict())
@@ -209,7 +235,7 @@ def test_train_algo_prime_end_to_end(tiny_policy, tmp_path):
     for key in ("prime/accuracy", "prime/loss", "prime/token_reward/std", "loss", "advantage/abs_mean"):
         assert math.isfinite(rows[2][key])
     state = load_state(run_dir / "checkpoints" / "iter_0002" / "state.pt")
-    assert set(state["algo"]["prime"]) == {"model", "optimizer", "rank_sha256"}
+    assert set(state["algo"]["prime"]) == {"model", "optimizer"}  # one process: no per-rank digests
 
 
 # ---- slow: SIGKILL then resume, and torchrun ------------------------------------------------------------

@@ -45,7 +45,7 @@ NORMS = ("batch_norm", "none")
 @dataclass
 class ImplicitPRMSettings:
     model: Optional[str] = None  # a local causal LM sharing the policy's tokenizer; default: the initial policy
-    lr: float = 5e-5
+    lr: float = 5e-4  # the tiny policy's PRM did not move at 5e-5 in 20 iterations
     beta: float = 0.05  # r_t = beta * log pi_phi / pi_ref (PRIME's beta_train)
     weight_decay: float = 0.0
     max_grad_norm: float = 10.0  # PRIME's prime_model.optim.grad_clip
@@ -80,6 +80,21 @@ def cross_entropy(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tens
     token rewards (with logits: the same value without sigmoid's underflow)."""
     r = implicit_rewards(logps, ref_logps, mask, beta).sum(-1)
     return F.binary_cross_entropy_with_logits(r, labels.to(r.dtype), reduction="none")
+
+
+def pairwise_accuracy(sequence: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> float:
+    """PRIME's `compute_dpo_accuracy` (its logged PRM accuracy, free of the label base rate): per group,
+    over pairs with different labels, the share where r_phi orders them like the labels (weighted by the
+    label gap); 0.5 for a group whose labels are all equal; the mean over groups."""
+    scores = []
+    for g in range(int(groups.max()) + 1):
+        rows = (groups == g).nonzero().squeeze(-1)
+        upper = torch.triu(torch.ones(len(rows), len(rows), dtype=torch.bool), diagonal=1)
+        gap = (labels[rows][:, None] - labels[rows][None, :])[upper]
+        order = (sequence[rows][:, None] - sequence[rows][None, :])[upper]
+        weight = gap.abs().sum()
+        scores.append(0.5 if weight == 0 else float((((order > 0) == (gap > 0)).float() * gap.abs()).sum() / weight))
+    return sum(scores) / len(scores)
 
 
 def batch_normalize(token_rewards: torch.Tensor) -> torch.Tensor:
@@ -175,17 +190,17 @@ class Prime(PolicyGradient):
 
     def state_dict(self) -> dict[str, Any]:
         """pg.py's state plus the PRM's weights and optimizer state; every rank calls it, and each rank's
-        PRM digest is recorded (rank 0's list) so a checkpoint shows the replicas agree."""
+        PRM digest is recorded under several processes so a checkpoint shows the replicas agree."""
         state = super().state_dict()
         if self.prm is None:
             state["prime"] = self._saved_prm
             return state
-        digests = [param_digest(self.prm)]
-        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            digests = [None] * torch_dist.get_world_size()
-            torch_dist.all_gather_object(digests, param_digest(self.prm))
         state["prime"] = {"model": {k: v.detach().to("cpu", copy=True) for k, v in self.prm.state_dict().items()},
-                          "optimizer": optimizer_state(self.prm, self.prm_optimizer), "rank_sha256": digests}
+                          "optimizer": optimizer_state(self.prm, self.prm_optimizer)}
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            digests: list[Any] = [None] * torch_dist.get_world_size()
+            torch_dist.all_gather_object(digests, param_digest(self.prm))
+            state["prime"]["rank_sha256"] = digests
         return state
 
     def load_state_dict(self, state: dict[str, Any], policy) -> None:
@@ -247,10 +262,11 @@ class Prime(PolicyGradient):
                         "prime/token_reward/mean": float(tokens.mean()), "prime/token_reward/std":
                         float(tokens.std()) if tokens.numel() > 1 else 0.0,
                         "prime/token_reward/max": float(tokens.max()), "prime/token_reward/min": float(tokens.min())})
-        if self.settings.norm == "batch_norm":
-            token_rewards = batch_normalize(token_rewards)
         index = {pid: i for i, pid in enumerate(batch.groups())}
         groups = torch.tensor([index[p] for p in batch.prompt_id])
+        metrics["prime/pairwise_accuracy"] = pairwise_accuracy(sequence.cpu(), labels.cpu(), groups)
+        if self.settings.norm == "batch_norm":
+            token_rewards = batch_normalize(token_rewards)
         outcome = torch.tensor(batch.reward, dtype=torch.float32)
         self._token_advantages = prime_advantages(token_rewards.cpu(), outcome, mask.cpu(), groups)
         return {**super().update(policy, batch), **metrics}
