@@ -265,6 +265,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tiny_policy, tmp_pa
 @pytest.mark.slow
 def test_torchrun_two_ranks_end_with_identical_policy_and_prm(tiny_policy, tmp_path: Path):
     from rewardlab import distributed
+    from rewardlab.policy import load_policy
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -277,4 +278,5 @@ def test_torchrun_two_ranks_end_with_identical_policy_and_prm(tiny_policy, tmp_p
     prm = load_state(run_dir / "checkpoints" / "iter_0002" / "state.pt")["algo"]["prime"]
     first, second = prm["rank_sha256"]
     assert first == second  # the PRM replicas trained identically
-    assert first != distributed.param_digest(tiny_policy.model)  # and they did train
+    initial = distributed.param_digest(load_policy(device="cpu", log=lambda *_: None).model)
+    assert first != initial  # and they did train (the PRM starts as the initial policy)

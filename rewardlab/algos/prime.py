@@ -6,7 +6,8 @@ The implicit PRM pi_phi is a causal LM (a copy of the initial policy, or `algo.p
 frozen reference pi_ref (the policy's own reference, or a frozen copy of `algo.prime.model`). Each
 iteration, in the order of the paper's algorithm and its code (PRIME-RL/PRIME, `update=after`):
 1. score: token reward r_t = beta * (log pi_phi(y_t) - log pi_ref(y_t)), sequence reward r_phi(y) = sum_t r_t;
-   `prime/accuracy` compares sign(r_phi) with the gold label before the PRM has seen these rollouts;
+   `prime/accuracy` compares sign(r_phi) with the gold label before the PRM has seen these rollouts, and
+   `prime/pairwise_accuracy` (PRIME's own figure) how often r_phi orders a group's right and wrong ones;
 2. update the PRM by one optimizer step on the cross-entropy BCE(sigmoid(r_phi(y)), gold) (the same forward
    pass gives the scores of step 1, as in PRIME's single-forward mode);
 3. advantages: token rewards divided by the batch's largest |return| (PRIME's `prime_norm=batch_norm`;
