@@ -21,6 +21,7 @@ from rewardlab.algos import AlgoContext
 from rewardlab.algos.prime import (Prime, batch_normalize, cross_entropy, implicit_rewards, pairwise_accuracy,
                                    prime_advantages, process_rloo)
 from rewardlab.checkpoint import load_state
+from rewardlab.data.base import Example
 from rewardlab.errors import UserError
 from rewardlab.policy import Policy
 
@@ -217,6 +218,9 @@ def test_rows_without_references_and_bad_settings_are_refused(saved_small_policy
     policy = small_policy(saved_small_policy)
     with pytest.raises(UserError, match="algo=prime trains its implicit PRM on outcome labels"):
         prime().update(policy, make_batch(policy.tokenizer, [None] * 4))
+    with pytest.raises(UserError, match="algo=prime trains its implicit PRM on outcome labels"):
+        prime().check_data([Example(id="0", prompt="1+1=?", answer=None)])
+    prime().check_data([Example(id="0", prompt="1+1=?", answer="2")])
     with pytest.raises(UserError, match="algo.prime.norm='layer' is not one of batch_norm, none"):
         prime(norm="layer")
     with pytest.raises(UserError, match="leave algo.credit"):
@@ -280,3 +284,14 @@ def test_torchrun_two_ranks_end_with_identical_policy_and_prm(tiny_policy, tmp_p
     assert first == second  # the PRM replicas trained identically
     initial = distributed.param_digest(load_policy(device="cpu", log=lambda *_: None).model)
     assert first != initial  # and they did train (the PRM starts as the initial policy)
+
+
+def test_train_algo_prime_on_a_data_set_without_answers_stops_with_one_line_and_exit_code_2(tiny_policy, tmp_path):
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=?"}) + "\n" for i in range(12)))
+    result = run_cli("train", "algo=prime", "dataset=jsonl", f"dataset.path={data}", "dataset.answer_field=null",
+                     "dataset.test_size=4", "dataset.prompt.chat=false", "reward=length", "logger=none",
+                     f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: algo=prime trains its implicit PRM on outcome")
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

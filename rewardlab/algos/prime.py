@@ -41,6 +41,9 @@ from rewardlab.rollout import Batch
 from rewardlab.sharding import load_optimizer_state, optimizer_state
 
 NORMS = ("batch_norm", "none")
+NO_REFERENCES = ("algo=prime trains its implicit PRM on outcome labels (each rollout checked against its prompt's "
+                 "reference answer), and this data set has prompts without one; give it an answer field "
+                 "(dataset.answer_field) or use another algo")
 
 
 @dataclass
@@ -164,6 +167,12 @@ class Prime(PolicyGradient):
         self._saved_prm: dict[str, Any] | None = None
         self._token_advantages: torch.Tensor | None = None
 
+    def check_data(self, examples) -> None:
+        """Refuse a data set without reference answers before any work (run.py calls it): the PRM's labels
+        are the verifiable check of each rollout against its prompt's answer."""
+        if not any(e.answer is not None for e in examples):
+            raise UserError(NO_REFERENCES)
+
     # ---- the implicit PRM and its state ------------------------------------------------------------
     def _build_prm(self, policy) -> None:
         if self.prm is not None:
@@ -246,9 +255,7 @@ class Prime(PolicyGradient):
 
     def update(self, policy, batch: Batch) -> dict[str, float]:
         if batch.gold is None or any(g is None for g in batch.gold):
-            raise UserError("algo=prime trains its implicit PRM on outcome labels, the verifiable check against "
-                            "reference answers, and this data set has rows without references; use a data set "
-                            "with a reference column (dataset.reference_key) or another algo")
+            raise UserError(NO_REFERENCES)
         self._build_prm(policy)
         t = to_tensors(batch, policy.tokenizer.pad_token_id, policy.device)
         mask = t.completion_mask
