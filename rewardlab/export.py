@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from rewardlab import sharded_checkpoint
 from rewardlab.checkpoint import Checkpointer
 from rewardlab.errors import UserError
 from rewardlab.policy.lora import adapter_base, is_adapter_dir
@@ -25,6 +26,10 @@ def model_dir(run_dir: Path) -> Path:
     latest = Checkpointer(run_dir).latest() if run_dir.is_dir() else None
     if latest is None:
         raise UserError(f"{run_dir} has no final/ and no checkpoint; give the `run dir:` a training run printed")
+    if (latest / sharded_checkpoint.FOLDER).is_dir():
+        raise UserError(f"{run_dir} has no final/ and its newest checkpoint {latest} is FSDP-sharded (each rank's "
+                        f"shard, no whole weights); finish the run (`rewardlab train resume={run_dir}`, in any "
+                        f"number of processes), which writes final/")
     return latest / "policy"
 
 
