@@ -16,9 +16,11 @@ classes and refuses non-tensor entries, so resuming a run directory from elsewhe
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -43,6 +45,14 @@ def _single() -> bool:
     return not (torch_dist.is_available() and torch_dist.is_initialized())
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns on every single-process save or load that it assumes one process, which here is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Write `model`'s trainable weights and `optimizer`'s tensors to `folder`, each rank its own shards (a
     collective under a process group). An optimizer that never stepped has no state and is left out:
@@ -53,7 +63,8 @@ def save(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
     state: dict[str, Any] = {"model": get_model_state_dict(model, options=_options())}
     if optimizer is not None and optimizer.state:
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=_options())["state"]
-    dcp.save(state, checkpoint_id=str(folder), no_dist=_single())
+    with _quiet():
+        dcp.save(state, checkpoint_id=str(folder), no_dist=_single())
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
@@ -83,7 +94,8 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fol
 
 def _load(dcp: Any, state: dict[str, Any], folder: Path) -> None:
     try:
-        dcp.load(state, checkpoint_id=str(folder), no_dist=_single())
+        with _quiet():
+            dcp.load(state, checkpoint_id=str(folder), no_dist=_single())
     except Exception as exc:  # DCP wraps a rank's failure (a missing key, a shape that does not fit) in its own
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load the sharded checkpoint {folder} into this model ({first}); resume with the "
