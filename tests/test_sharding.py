@@ -163,6 +163,19 @@ def test_checkpoints_resume_across_sharding(runs, tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_a_stopped_fsdp_run_exports_its_sharded_checkpoint_whole(runs, tmp_path: Path):
+    """No final/ yet: `rewardlab export` reads the newest checkpoint's shards whole, in one process."""
+    from rewardlab.export import export_model
+
+    stopped = rewind(runs["fsdp"], tmp_path / "stopped", to=2)
+    out = export_model(stopped, tmp_path / "out")
+    from safetensors.torch import load_file
+
+    assert_same_weights(load_file(out / "model.safetensors"), final_weights(runs["fsdp"]))
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
 def test_lora_adapters_start_equal_on_every_rank_and_shard(tmp_path: Path):
     """Adapters are initialised at random; ranks seed differently, so rank 0's are broadcast. Under
     FSDP the frozen base and the adapters are sharded together."""
