@@ -4,9 +4,9 @@ in a fraction of a second instead of after importing torch, transformers and TRL
 Schemas are declared beside their components (`@schema` in rewardlab/config.py), in modules that import
 torch; registering them (`register_schemas`) imports every rewardlab module, which takes seconds. Each time
 that happens, a description of every stored schema (its fields' types and defaults, its bases, the
-dataclasses it nests) is written to `$REWARDLAB_CACHE/schemas/<fingerprint>.json` (else
+dataclasses it nests) is written to `$REWARDLAB_CACHE/schemas/<install>-<fingerprint>.json` (else
 ~/.cache/rewardlab/schemas/), keyed by the size and modification time of every rewardlab source file, so an
-edited module makes the cache stale and it is not used. `load()` rebuilds equivalent dataclasses
+edited module makes the cache stale and it is not used (and is replaced by the next write). `load()` rebuilds equivalent dataclasses
 (same names, fields, types, defaults and subclass relations) from the file and stores them instead, with no
 import of their modules. The CLI validates overrides against them and imports the real modules only once
 the command line is good (cli/main.py); the run composes with the real classes.
@@ -40,9 +40,14 @@ def _package() -> Path:
     return Path(__file__).resolve().parent
 
 
+def _install() -> str:
+    """Names this copy of rewardlab (a checkout or an installation): its caches replace each other."""
+    return hashlib.sha256(str(_package()).encode()).hexdigest()[:8]
+
+
 def fingerprint() -> str:
     """Changes whenever a rewardlab source file is added, removed or edited (its size or mtime)."""
-    digest = hashlib.sha256(f"{VERSION} {sys.version_info[:2]} {omegaconf.__version__} {_package()}".encode())
+    digest = hashlib.sha256(f"{VERSION} {sys.version_info[:2]} {omegaconf.__version__}".encode())
     for path in sorted(_package().rglob("*.py")):
         stat = path.stat()
         digest.update(f"{path.relative_to(_package())} {stat.st_size} {stat.st_mtime_ns}\n".encode())
@@ -51,7 +56,7 @@ def fingerprint() -> str:
 
 def cache_file() -> Path:
     root = Path(os.environ.get("REWARDLAB_CACHE") or Path.home() / ".cache" / "rewardlab")
-    return root / "schemas" / f"{fingerprint()}.json"
+    return root / "schemas" / f"{_install()}-{fingerprint()}.json"
 
 
 def _ref(cls: type) -> str:
@@ -213,6 +218,9 @@ def write() -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(text)
         os.replace(tmp, path)
+        for stale in path.parent.glob(f"{_install()}-*.json"):  # this copy's files for older sources
+            if stale != path:
+                stale.unlink(missing_ok=True)
     except (Unsupported, OSError):
         return
 

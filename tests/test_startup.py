@@ -119,3 +119,20 @@ def test_every_schema_survives_the_cache_unchanged():
         names = [[f"{b.__module__}:{b.__qualname__}" for b in c.__mro__ if dataclasses.is_dataclass(b)]
                  for c in (real, builder.cls(ref))]
         assert names[0] == names[1], ref
+
+
+def test_an_edited_source_file_makes_the_cache_stale_and_the_next_write_replaces_it(tmp_path, monkeypatch):
+    from rewardlab import schema_cache
+
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "module.py").write_text("x = 1\n")
+    monkeypatch.setattr(schema_cache, "_package", lambda: package)
+    monkeypatch.setenv("REWARDLAB_CACHE", str(tmp_path / "cache"))
+    schema_cache.write()
+    first = schema_cache.cache_file()
+    assert first.exists() and json.loads(first.read_text())["version"] == schema_cache.VERSION
+    (package / "module.py").write_text("x = 22\n")
+    assert schema_cache.cache_file() != first and not schema_cache.load()  # stale: nothing stored
+    schema_cache.write()
+    assert schema_cache.cache_file().exists() and not first.exists()
