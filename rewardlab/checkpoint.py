@@ -14,8 +14,10 @@ Layout under the run directory:
                                     resharded on loading (sharded_checkpoint.py); `final/` gets the
                                     whole weights, gathered once when the run ends
     checkpoints/latest              a symlink to the newest complete checkpoint's `policy/` (so
-                                    `from_pretrained("<run dir>/checkpoints/latest")` loads it), written last
+                                    `from_pretrained("<run dir>/checkpoints/latest")` loads it, except
+                                    under FSDP: `rewardlab export` reads sharded/ whole), written last
     final/                          after a run completes: a copy of the last checkpoint's `policy/`
+                                    (under FSDP the whole weights, gathered once)
 A checkpoint is built in a temporary directory, synced, renamed into place, and only then named by
 `latest` (a new symlink renamed over the old one), so a crash or a full disk at any moment leaves the
 previous checkpoint intact. The weights go through transformers/peft `save_pretrained`; the rest of the loop
