@@ -297,19 +297,18 @@ class Checkpointer:
     def write_final(self, policy) -> Path | None:
         """`<run dir>/final/`: the newest checkpoint's model directory (weights or LoRA adapters, and the
         tokenizer), a plain `from_pretrained` directory that outlives checkpoint rotation. Every rank calls
-        it; rank 0 writes. A sharded (FSDP) checkpoint has no whole weights: the live policy, which is that
-        checkpoint's, is gathered to rank 0 once here, the only whole-state gather of an FSDP run."""
-        latest = self.latest()
+        it; rank 0 writes. A sharded (FSDP) checkpoint has no whole weights: the live policy, which is the
+        newest checkpoint's, is gathered to rank 0 once here, the only whole-state gather of an FSDP run.
+        Whether to gather is decided by the live model, which every rank shares, not by the files, which
+        rank 0 may still be writing while another rank gets here."""
+        fsdp = is_sharded(policy.model)
+        whole = full_model_state(policy.model, getattr(policy, "sharding", None)) if fsdp else None  # a collective
+        latest = self.latest() if self.dist.is_main else None
         if latest is None:
-            return None
-        whole = None
-        if (latest / sharded_checkpoint.FOLDER).is_dir():
-            whole = full_model_state(policy.model, getattr(policy, "sharding", None))  # a collective
-        if not self.dist.is_main:
             return None
         final, tmp = self.run_dir / "final", self.run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        if (latest / sharded_checkpoint.FOLDER).is_dir():
+        if fsdp or (latest / sharded_checkpoint.FOLDER).is_dir():  # plain here: one process resumed a finished run
             with _no_progress_bars():
                 policy.model.save_pretrained(tmp, state_dict=whole)
             policy.tokenizer.save_pretrained(tmp)
