@@ -273,7 +273,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
                 progress.done(row)
                 checkpoint(iteration)
             with guard.deferred():
-                checkpoints.write_final()
+                checkpoints.write_final(policy)
     finally:
         extra = {"run_dir": str(run_dir), "world_size": dist.world_size,
                  "sharding": sharded.name if sharded is not None else "none"}
