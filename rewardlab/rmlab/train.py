@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -41,6 +40,7 @@ from rewardlab.errors import UserError
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.rewards.orm import orm_text
 from rewardlab.rewards.prm import token_classification_ids
+from rewardlab.rmlab.bench_process import first_error, processbench_f1
 from rewardlab.rmlab.rm_data import read_preferences, read_stepwise, split_by_prompt
 
 
@@ -93,29 +93,20 @@ class ORMTrainConfig:
     pairs_per_prompt: int = 4  # from rollouts: at most this many (correct, incorrect) pairs per prompt
 
 
-def first_error(flags: list[bool]) -> int:
-    """Index of the first False, -1 when all are True (ProcessBench's `label`)."""
-    return next((k for k, ok in enumerate(flags) if not ok), -1)
-
-
 def process_metrics(probabilities: list[list[float]], labels: list[list[bool]], threshold: float
                     ) -> dict[str, float]:
     """Held-out PRM accuracy: per step; per solution, whether the predicted first error (first step scored
-    below `threshold`) is the labelled one, and whether "all steps right" is; ProcessBench's accuracy on
-    the erroneous and the all-correct solutions and their harmonic mean (F1, 0 when either is 0)."""
+    below `threshold`) is the labelled one, and whether "all steps right" is; and ProcessBench's
+    acc_error, acc_correct and F1, computed by `bench=process`'s own function (one home for the metric)."""
     steps = [(p >= threshold) == bool(y) for ps, ys in zip(probabilities, labels) for p, y in zip(ps, ys)]
-    predicted = [first_error([p >= threshold for p in ps]) for ps in probabilities]
-    gold = [first_error([bool(y) for y in ys]) for ys in labels]
-    hits = [p == g for p, g in zip(predicted, gold)]
-    erroneous = [h for h, g in zip(hits, gold) if g >= 0]
-    correct = [h for h, g in zip(hits, gold) if g < 0]
-    acc_error = sum(erroneous) / len(erroneous) if erroneous else math.nan
-    acc_correct = sum(correct) / len(correct) if correct else math.nan
-    both = acc_error + acc_correct
-    return {"step_accuracy": sum(steps) / len(steps), "first_error_accuracy": sum(hits) / len(hits),
+    predicted = [first_error(ps, threshold) for ps in probabilities]
+    gold = [first_error([float(bool(y)) for y in ys], 0.5) for ys in labels]
+    bench = processbench_f1(predicted, gold)
+    return {"step_accuracy": sum(steps) / len(steps),
+            "first_error_accuracy": sum(p == g for p, g in zip(predicted, gold)) / len(gold),
             "solution_accuracy": sum((p < 0) == (g < 0) for p, g in zip(predicted, gold)) / len(gold),
-            "acc_error": acc_error, "acc_correct": acc_correct,
-            "f1": 2 * acc_error * acc_correct / both if both > 0 else (0.0 if both == 0 else math.nan)}
+            "acc_error": bench["process/acc_error"], "acc_correct": bench["process/acc_correct"],
+            "f1": bench["process/f1"]}
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
