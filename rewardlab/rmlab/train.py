@@ -8,7 +8,10 @@ load as is.
   `reward=prm` scores with (rewards/prm.py `token_classification_ids`), so training and scoring read the
   same position. TRL 1.16 has no PRMTrainer (it left the main package and is not in `trl.experimental`
   here), so transformers' `Trainer` runs it; the separator is saved in the model's config
-  (`step_separator`), where `reward=prm` reads it back.
+  (`step_separator`), where `reward=prm` reads it back. `rm.format=math_shepherd` instead trains the policy's
+  own causal LM to predict `+` / `-` as the token after each step's tag (Math-Shepherd's PRM form, encoded by
+  rewards/prm.py `math_shepherd_ids`, the layout `reward=prm` reads), so the pretrained head is reused
+  rather than a new 2-class head learned from scratch; the tag must be one of the tokenizer's own tokens.
 - ORM: TRL's preference rows (`prompt`, `chosen`, `rejected`), or a `rewardlab train` run directory whose
   rollouts pair a correct with an incorrect completion of the same prompt (the `gold` column), through TRL's
   `RewardTrainer` on pre-tokenized pairs: each text is what `reward=orm` reads (rewards/orm.py `orm_text`,
@@ -39,7 +42,7 @@ from rewardlab.config import schema
 from rewardlab.errors import UserError
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.rewards.orm import orm_text
-from rewardlab.rewards.prm import token_classification_ids
+from rewardlab.rewards.prm import math_shepherd_ids, token_classification_ids
 from rewardlab.rmlab.bench_process import first_error, processbench_f1
 from rewardlab.rmlab.rm_data import read_preferences, read_stepwise, split_by_prompt
 
@@ -66,6 +69,9 @@ class TrainRMConfig:
 ConfigStore.instance().store(name="_train_rm_schema", node=TrainRMConfig)
 
 
+PRM_FORMATS = {"token_classification": "\n", "math_shepherd": ":"}  # and each one's default step tag
+
+
 @schema("rm", "prm")
 @dataclass
 class PRMTrainConfig:
@@ -76,7 +82,10 @@ class PRMTrainConfig:
     lr: float = 1e-3
     batch_size: int = 32
     max_length: int = 1024  # tokens per row; longer rows are cut (their last steps go unlabelled), as TRL does
-    step_tag: str = "\n"  # the separator after each step, saved in the model's config for reward=prm
+    format: str = "token_classification"  # token_classification (a new 2-class head) | math_shepherd (the LM head)
+    step_tag: Optional[str] = None  # after each step, saved in the model's config; none: \n, math_shepherd ":"
+    good_token: str = "+"  # math_shepherd: the next token trained at the tag for a right step
+    bad_token: str = "-"  # ... and for a wrong one
     threshold: float = 0.5  # held-out metrics: a step scored below it counts as wrong
 
 
@@ -126,28 +135,51 @@ class PRMTraining:
 
     def __init__(self, **settings: Any) -> None:
         self.cfg = PRMTrainConfig(**{k: v for k, v in settings.items() if k != "_target_"})
+        if self.cfg.format not in PRM_FORMATS:
+            raise UserError(f"rm.format={self.cfg.format!r} is not one of {', '.join(PRM_FORMATS)}")
+        self.tag = self.cfg.step_tag if self.cfg.step_tag is not None else PRM_FORMATS[self.cfg.format]
+        self.candidates: list[int] = []
 
     @staticmethod
     def key(row: dict) -> str:
         return row["prompt"]
 
+    def ids(self, tokenizer, row: dict) -> tuple[list[int], list[int]]:
+        """The ids `reward=prm` reads for this format and each step's scored position."""
+        layout = math_shepherd_ids if self.cfg.format == "math_shepherd" else token_classification_ids
+        return layout(tokenizer, row["prompt"], row["steps"], self.tag)
+
     def read(self, seed: int) -> list[dict]:
         return read_stepwise(self.cfg.data)
 
     def build(self, source: str, tokenizer):
-        from transformers import AutoModelForTokenClassification
+        from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-        model = AutoModelForTokenClassification.from_pretrained(source, num_labels=2)
-        model.config.step_separator = self.cfg.step_tag  # read back by reward=prm (format token_classification)
+        if self.cfg.format == "math_shepherd":
+            model = AutoModelForCausalLM.from_pretrained(source)
+            for token in (self.tag, self.cfg.good_token, self.cfg.bad_token):
+                ids = tokenizer.encode(token, add_special_tokens=False)
+                if not ids or ids[-1] == tokenizer.unk_token_id:
+                    raise UserError(f"{token!r} (rm.step_tag / good_token / bad_token) is not a token of {source}'s "
+                                    f"tokenizer; choose one of its own tokens")
+            self.candidates = [tokenizer.encode(t, add_special_tokens=False)[-1]
+                               for t in (self.cfg.good_token, self.cfg.bad_token)]
+        else:
+            model = AutoModelForTokenClassification.from_pretrained(source, num_labels=2)
+        model.config.step_separator = self.tag  # read back by reward=prm
         model.config.pad_token_id = _pad_id(tokenizer)
         return model
 
     def encode(self, row: dict, tokenizer) -> dict[str, list[int]]:
-        """TRL's PRM layout: the step's label at its separator's last token, -100 elsewhere."""
-        ids, positions = token_classification_ids(tokenizer, row["prompt"], row["steps"], self.cfg.step_tag)
+        """TRL's PRM layout: the step's label at its separator's last token, -100 elsewhere. math_shepherd: the
+        next token after the tag is the good or bad token (the causal LM's labels are shifted by the model)."""
+        ids, positions = self.ids(tokenizer, row)
         labels = [-100] * len(ids)
         for position, label in zip(positions, row["labels"]):
-            labels[position] = int(label)
+            if self.cfg.format == "math_shepherd":
+                labels[position + 1] = self.candidates[0 if label else 1]
+            else:
+                labels[position] = int(label)
         return {"input_ids": ids[: self.cfg.max_length], "labels": labels[: self.cfg.max_length]}
 
     def trainer(self, model, tokenizer, rows: list[dict], settings: dict):
@@ -162,12 +194,13 @@ class PRMTraining:
     @torch.inference_mode()
     def evaluate(self, model, tokenizer, rows: list[dict]) -> dict[str, float]:
         device = next(model.parameters()).device
-        encoded = [token_classification_ids(tokenizer, r["prompt"], r["steps"], self.cfg.step_tag) for r in rows]
+        encoded = [self.ids(tokenizer, r) for r in rows]
         probabilities: list[list[float]] = []
         for start in range(0, len(encoded), self.cfg.batch_size):
             chunk = encoded[start : start + self.cfg.batch_size]
             ids, mask = _padded([i for i, _ in chunk], _pad_id(tokenizer), device)
-            probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)[..., 1]
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            probs = logits[..., self.candidates].softmax(-1)[..., 0] if self.candidates else logits.softmax(-1)[..., 1]
             probabilities.extend(probs[r, positions].tolist() for r, (_, positions) in enumerate(chunk))
         return process_metrics(probabilities, [r["labels"] for r in rows], self.cfg.threshold)
 
