@@ -80,7 +80,10 @@ def trl_run(args, seed: int) -> dict:
             lr_scheduler_type="constant", beta=0.0, max_grad_norm=1.0, loss_type={"sequence_mean": "grpo", "token_mean": "dapo",
             "constant": "dr_grpo"}[args.loss_agg], max_steps=args.steps * batch // (args.minibatch or batch), use_cpu=args.device == "cpu",
             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=seed,
-            shuffle_dataset=False, bf16=False)
+            shuffle_dataset=False, bf16=False,
+            # GRPOConfig defaults to activation checkpointing (the forward recomputed in backward); rewardlab's
+            # policy.gradient_checkpointing is off, so TRL's is too: the same work (before 2026-12-02 TRL recomputed)
+            gradient_checkpointing=False)
         trainer = GRPOTrainer(model=policy.model, reward_funcs=[correctness], args=config, train_dataset=data,
                               processing_class=policy.tokenizer)
         began = time.perf_counter()

@@ -1,5 +1,7 @@
-"""Peak memory of one policy-gradient update on a model with a large vocabulary: the chunked selective
-log-softmax (rewardlab.algos.losses) against the full-vocabulary fp32 log_softmax it replaced.
+"""Peak memory of one policy-gradient update on a model with a large vocabulary: TRL's fused LM head (what
+rewardlab.algos.losses uses on CUDA from a 32,768-word vocabulary on; forced onto the CPU here), the chunked
+selective log-softmax over the model's logits (rewardlab's path elsewhere), and the full-vocabulary fp32
+log_softmax both replaced.
 
 A Llama of tiny depth (1 layer, hidden 64) with Qwen2.5's vocabulary (151,936) and random weights, so the
 logits dominate; one `PolicyGradient.update` (defaults: one micro-batch of every row, beta 0) on random
@@ -50,6 +52,10 @@ def measure(formula: str, rows: int, completion: int, vocab: int, hidden: int, d
     from rewardlab.rollout import Batch
 
     torch.manual_seed(0)
+    if formula == "fused":  # TRL's fused head (on CPU too, where rewardlab does not use it by default)
+        losses.FUSED_HEAD_DEVICES = ("cuda", "cpu")
+    else:  # the logits path, at any vocabulary
+        losses.FUSED_HEAD_MIN_VOCAB = 1 << 62
     if formula == "full":
         losses.selective_logprobs = full_formula
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
@@ -93,16 +99,18 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.rows, args.completion, args.vocab, args.hidden, args.dtype)))
         return
     results = []
-    for formula in ("full", "chunked"):
+    for formula in ("full", "chunked", "fused"):
         cmd = [sys.executable, __file__, "--child", formula, "--rows", str(args.rows), "--completion",
                str(args.completion), "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--dtype", args.dtype]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results.append(json.loads(line))
         print(line, flush=True)
-    full, chunked = results
-    assert abs(full["loss"] - chunked["loss"]) < 1e-4 and abs(full["entropy"] - chunked["entropy"]) < 1e-3
-    print(json.dumps({"update_mb_full": full["update_mb"], "update_mb_chunked": chunked["update_mb"],
-                      "peak_mb_full": full["peak_mb"], "peak_mb_chunked": chunked["peak_mb"]}))
+    full = results[0]
+    for other in results[1:]:
+        assert abs(full["loss"] - other["loss"]) < 1e-4 and abs(full["entropy"] - other["entropy"]) < 1e-3
+    print(json.dumps({**{f"update_mb_{r['formula']}": r["update_mb"] for r in results},
+                      **{f"peak_mb_{r['formula']}": r["peak_mb"] for r in results},
+                      **{f"update_s_{r['formula']}": r["update_s"] for r in results}}))
 
 
 if __name__ == "__main__":

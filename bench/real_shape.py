@@ -6,7 +6,10 @@ forces Qwen2Tokenizer on Qwen2 configs, see rewardlab/policy/tiny.py). Then each
 in its own process, alternately: `rewardlab train policy.path=<model>` (one process per generation engine) and
 TRL's GRPOTrainer with the same prompts, group size, completion length, learning rate and temperature, beta 0,
 one optimizer step per iteration, fp32 on CPU and bf16 on CUDA. Random weights almost never emit EOS, so both
-sides decode to the full length; the completion token counts are printed and checked. The reward on both sides
+sides decode to the full length; the completion token counts are printed and checked. Both recompute the
+layers' activations in the backward pass (activation checkpointing: GRPOConfig's default, rewardlab's
+`policy.gradient_checkpointing=true`), which at this size decides most of the update's memory; a comparison
+with it on one side only would not be the same work. The reward on both sides
 is the verifiable arith reward plus `coin` (a 0/1 hash of the completion's token ids): random weights never
 solve a problem, and with every reward 0 rewardlab rightly skips the update (no gradient) while TRL runs it.
 
@@ -164,7 +167,7 @@ def trl_child(args: argparse.Namespace, model_dir: str, seed: int, result: Path)
             temperature=args.temperature, learning_rate=args.lr, lr_scheduler_type="constant", beta=0.0,
             max_grad_norm=1.0, loss_type="grpo", max_steps=args.iterations, use_cpu=not cuda, bf16=cuda,
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=seed,
-            shuffle_dataset=False)
+            shuffle_dataset=False, gradient_checkpointing=True)  # GRPOConfig's default, stated: rewardlab matches it
         trainer = GRPOTrainer(model=model, reward_funcs=[correctness_plus_coin], args=config, train_dataset=data,
                               processing_class=load_tokenizer(model_dir), callbacks=[StepClock()])
         trainer.train()
@@ -205,7 +208,8 @@ def rewardlab_overrides(args: argparse.Namespace, model_dir: str, engine: str, s
             f"generation.sampling.max_new_tokens={args.max_new_tokens}",
             f"generation.sampling.temperature={args.temperature}", f"run.eval_size={args.eval_size}",
             f"run.eval_every={10**6}", "run.checkpoint_every=0", "run.save_rollouts=false", f"run.seed={seed}",
-            "logger=none", "reward=verifiable", "reward._target_=real_shape.coin_reward"]
+            "logger=none", "reward=verifiable", "reward._target_=real_shape.coin_reward",
+            "policy.gradient_checkpointing=true"]  # as TRL's GRPOConfig does by default (trl_child sets it too)
 
 
 def run_rewardlab(args: argparse.Namespace, model_dir: str, engine: str, seed: int, tmp: Path) -> dict:

@@ -121,6 +121,8 @@ def evaluate(ctx: typer.Context) -> None:
 
     Greedy accuracy always; pass@k and maj@k with `run.eval_pass_k=[1,4]`. Examples:
     `rewardlab eval` (the tiny policy on arith), `rewardlab eval policy.path=runs/.../policy run.eval_size=200`.
+    Test-time search picks by a reward: `rewardlab eval search=best_of_n search.n=16 reward=prm` (or
+    `search=weighted_majority`, `search=beam search.beam_width=4`); eval/accuracy is then the search's.
     """
     _hydra("eval", list(ctx.args), _eval_task)
 

@@ -85,6 +85,8 @@ class EvalConfig:
     policy: Any = None
     dataset: Any = None
     generation: Any = None
+    search: Any = None  # test-time search (rewardlab/search.py); greedy: none
+    reward: Any = None  # what a search scores completions with; greedy needs none
 
 
 def register_schemas() -> None:

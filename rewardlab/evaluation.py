@@ -1,4 +1,5 @@
-"""Evaluation on a task's test split: greedy accuracy, and pass@k / maj@k from sampled completions.
+"""Evaluation on a task's test split: greedy accuracy, pass@k / maj@k from sampled completions, and the
+accuracy under a test-time search (rewardlab/search.py) when one is given.
 
 Sampling here runs under its own seeded torch generator state (`torch.random.fork_rng`), so evaluating
 never moves the training random stream: a run with and without `run.eval_pass_k` trains identically.
@@ -36,16 +37,23 @@ def eval_seed(run_seed: int, iteration: int) -> int:
 
 
 def evaluate(generator, examples: Sequence[Example], answer_format: str = "auto",
-             pass_k: Sequence[int] = (), samples: int = 0, seed: int = 0) -> dict[str, float]:
+             pass_k: Sequence[int] = (), samples: int = 0, seed: int = 0, search=None,
+             reward=None) -> dict[str, float]:
     """Greedy accuracy and mean completion length; with `pass_k`, pass@k and maj@k for each k.
 
     pass@k is the unbiased estimate over all n samples per prompt (n = `samples` or max(pass_k));
     maj@k votes over the first k of those samples. Sampling is seeded with `seed` inside a forked RNG.
+    With a `search` (rewardlab/search.py) scoring with `reward`, eval/accuracy, eval/length and eval/truncated
+    are its picks' and eval/search/* what it spent; the greedy accuracy stays as eval/greedy_accuracy.
     """
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return _evaluate(generator, examples, answer_format, pass_k, samples)
+        metrics = _evaluate(generator, examples, answer_format, pass_k, samples)
+        if search is not None:
+            metrics["eval/greedy_accuracy"] = metrics["eval/accuracy"]
+            metrics.update(search.run(generator, reward, examples, answer_format))
+        return metrics
 
 
 def _evaluate(generator, examples: Sequence[Example], answer_format: str, pass_k: Sequence[int],

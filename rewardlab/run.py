@@ -34,6 +34,7 @@ from rewardlab.resume import resume_target
 from rewardlab.answers import check
 from rewardlab.rollout import Batch
 from rewardlab.sampling import collect
+from rewardlab.search import configured
 from rewardlab.steps import process_metrics
 from rewardlab.tracking import MetricsFile, NullLogger, ProgressDisplay, console, quiet_libraries, write_summary
 
@@ -277,6 +278,8 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
         if dist.active:
             with policy.full_weights():  # ZeRO-3 / FSDP: every rank sees the whole weights
                 extra["rank_param_sha256"] = distributed.gather_to_main(dist, distributed.param_digest(policy.model))
+            for name, model in getattr(algo, "trained_models", dict)().items():  # PPO's critic: whole on every rank
+                extra[f"rank_{name}_param_sha256"] = distributed.gather_to_main(dist, distributed.param_digest(model))
             extra["rank_local_params"] = distributed.gather_to_main(dist, sharding.local_parameters(policy.model))
         if dist.is_main:
             write_summary(run_dir, metrics.rows, extra)
@@ -302,17 +305,23 @@ def evaluate_only(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     Only the test data is read (data/source.py reads a train split on first use)."""
     quiet_libraries(cfg.run.verbose)
     setup_torch(cfg.run)
+    search = configured(cfg.get("search"), cfg.get("reward") is not None)
     task = instantiate(evaluation_dataset(cfg.dataset))
     policy = instantiate(cfg.policy, device=cfg.run.device, log=console.print)
     task.prepare(policy.tokenizer)
     generator = instantiate(cfg.generation, policy=policy)
+    reward = None
+    if search is not None:
+        reward = instantiate(cfg.reward)
+        reward.bind(policy)
     test_set = list(task.test_examples())[: cfg.run.eval_size]
     if not test_set:
         raise UserError("the data set's test split is empty; nothing to evaluate")
     began = time.perf_counter()
     out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples,
-                   seed=eval_seed(cfg.run.seed, 0))
+                   seed=eval_seed(cfg.run.seed, 0), search=search, reward=reward)
     out.update({"eval/size": float(len(test_set)), "time/eval": time.perf_counter() - began})
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "eval.json", {"policy": policy.source, **out})
+    named = {} if search is None else {"search": search.name, "reward": reward.name}
+    write_json_atomic(run_dir / "eval.json", {"policy": policy.source, **named, **out})
     return out

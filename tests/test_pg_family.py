@@ -49,9 +49,19 @@ def test_token_level_advantages_in_the_loss_hand_computed():
 
 
 def grads_after_update(policy, batch, **settings):
+    """The gradients the optimizer stepped with (the update frees them afterwards, which is checked)."""
     algo = PolicyGradient(AlgoContext(temperature=1.0, max_new_tokens=12), lr=0.0, max_grad_norm=0.0, **settings)
+    algo.setup(policy)
+    seen, step = {}, algo.optimizer.step
+
+    def snapshot(*args, **kwargs):
+        seen.update({n: p.grad.clone() for n, p in policy.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    algo.optimizer.step = snapshot
     out = algo.update(policy, batch)
-    return {n: p.grad.clone() for n, p in policy.model.named_parameters()}, out
+    assert all(p.grad is None for p in policy.model.parameters())  # not kept through the next generation
+    return seen, out
 
 
 @pytest.mark.parametrize("loss_agg", ["sequence_mean", "token_mean", "constant"])

@@ -85,3 +85,36 @@ def test_backward_keeps_only_the_logits_themselves(dtype):
         full_formula(logits, targets, 0.7)
     assert any(s.numel() >= n * C * V and s.dtype == torch.float32 and s.data_ptr() != logits.data_ptr()
                for s in saved)  # the check above can fail: the old formula trips it
+
+
+def test_the_fused_head_at_a_large_vocabulary_equals_the_logits_path(monkeypatch):
+    """token_logprobs through TRL's fused LM head (vocabulary >= FUSED_HEAD_MIN_VOCAB) gives the log-probs,
+    entropy and parameter gradients of the plain logits path, and leaves the model's ordinary forward alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(losses, "FUSED_HEAD_DEVICES", ("cuda", "cpu"))  # on CPU only when asked (slower there)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=losses.FUSED_HEAD_MIN_VOCAB + 7, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    models = [LlamaForCausalLM(config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, config.vocab_size, (3, 9))
+    attention = torch.ones_like(ids)
+    attention[0, :2] = 0  # a left-padded prompt
+    attention[2, -3:] = 0  # a shorter completion, right-padded
+    t = losses.Tensors(ids, attention, (attention.cumsum(1) - 1).clamp(min=0), attention[:, -5:].float(), 5)
+    weights = torch.randn(3, 5)
+    results = []
+    for model, minimum in zip(models, [losses.FUSED_HEAD_MIN_VOCAB, 10**9]):
+        monkeypatch.setattr(losses, "FUSED_HEAD_MIN_VOCAB", minimum)
+        logps, entropy = losses.token_logprobs(model, t, slice(None), 0.7, with_entropy=True)
+        (logps * weights * t.completion_mask).sum().backward()
+        results.append((logps * t.completion_mask, entropy * t.completion_mask, model))
+    (fused, fused_entropy, patched), (plain, plain_entropy, _) = results
+    assert "_rewardlab_fused_temperature" in patched.__dict__  # the first went through the fused head
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_entropy, plain_entropy, atol=1e-4, rtol=1e-5)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():  # decoding calls the forward without fused_lm_head: the original logits
+        torch.testing.assert_close(patched(input_ids=ids).logits, models[1](input_ids=ids).logits)

@@ -11,6 +11,10 @@ token, and a token's advantage is the sum over its own and all later positions. 
 step rewards as given, `credit=min` PURE's softmax(-r/T) transform; the baseline comes from the
 outcome estimator's name: grpo normalizes the group's steps (GRPO §4.1.3), rloo is PURE's token-level
 leave-one-out baseline.
+
+For PPO (`algo=ppo`, ppo.py): `token_rewards` places outcome and step rewards on tokens, `gae` turns them
+and a critic's values into advantages and returns (verl's `compute_gae_advantage_return`, with a per-row
+lambda for VAPO's `adaptive_lambda`), and `whiten` normalizes advantages over the batch's tokens.
 """
 
 from __future__ import annotations
@@ -167,3 +171,60 @@ def process(step_rewards: list[list[float]], step_ends: list[list[int]], lengths
         token_rewards[last] += outcome_weight * extra * real
     mask = torch.arange(width)[None, :] < lengths[:, None]
     return returns_to_go(token_rewards) * mask
+
+
+# ---- PPO with a learned critic: token rewards, GAE, whitening (METHODS.md "PPO with a learned critic") ----
+
+def token_rewards(lengths: torch.Tensor, outcome: torch.Tensor | None = None,
+                  step_rewards: list[list[float]] | None = None, step_ends: list[list[int]] | None = None,
+                  outcome_weight: float = 1.0) -> torch.Tensor:
+    """Per-token rewards (N, C), C = max(lengths): `outcome` (N,) times outcome_weight at each completion's
+    last token, and step_rewards[i][k] at token step_ends[i][k] (the step's last token). Empty rows stay 0."""
+    n, width = len(lengths), int(lengths.max()) if len(lengths) else 0
+    out = place(step_rewards, step_ends, width) if step_rewards is not None else torch.zeros(n, width, dtype=torch.float64)
+    if outcome is not None and width:
+        real = lengths > 0
+        out[torch.arange(n)[real], lengths[real] - 1] += outcome_weight * outcome.double()[real]
+    return out
+
+
+def adaptive_lambda(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """VAPO's length-adaptive GAE lambda, (N,) -> (N,): 1 - 1 / (alpha * length), clamped to [0, 1]."""
+    return (1.0 - 1.0 / (alpha * lengths.double().clamp(min=1))).clamp(0.0, 1.0)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation: advantages and returns, each (N, C).
+
+    rewards, values, mask: (N, C), values[:, t] the critic's estimate before token t, mask 1 on completion
+    tokens; lam a float or (N,) per-completion lambdas (VAPO). delta_t = r_t + gamma * V_{t+1} - V_t,
+    A_t = delta_t + gamma * lam * A_{t+1}, R_t = A_t + V_t, with V and A zero past the last token; masked
+    positions neither contribute nor reset the recursion (verl's `compute_gae_advantage_return`, without
+    its whitening: `whiten` is separate). A reverse loop over time, vectorised over the batch.
+    """
+    lam = lam if isinstance(lam, torch.Tensor) else torch.full((rewards.shape[0],), float(lam))
+    lam = lam.to(rewards.device, rewards.dtype)
+    mask = mask.to(rewards.dtype)
+    next_value = torch.zeros_like(rewards[:, 0]) if rewards.shape[1] else rewards.new_zeros(rewards.shape[0])
+    running = torch.zeros_like(next_value)
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        m = mask[:, t]
+        running = m * (delta + gamma * lam * running) + (1 - m) * running
+        next_value = m * values[:, t] + (1 - m) * next_value
+        advantages[:, t] = running
+    return advantages * mask, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(N, C) -> (N, C): (x - mean) / sqrt(var + eps) over the masked tokens of the whole batch (unbiased
+    variance, as verl's masked_whiten); masked positions are 0. Fewer than two tokens: returned centred."""
+    mask = mask.to(values.dtype)
+    count = mask.sum()
+    mean = (values * mask).sum() / count.clamp(min=1)
+    if count < 2:
+        return (values - mean) * mask
+    var = (((values - mean) ** 2) * mask).sum() / (count - 1)
+    return (values - mean) * torch.rsqrt(var + eps) * mask

@@ -112,15 +112,53 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature:
     return logps, ent
 
 
+FUSED_HEAD_MIN_VOCAB = 32_768  # from this vocabulary size on, log-probs come from TRL's fused LM head ...
+FUSED_HEAD_DEVICES = ("cuda",)  # ... on these devices: elsewhere TRL folds 4096 x 32768 fp32 tiles in torch ops,
+# which measured no smaller than the chunked path below and twice as slow on CPU (BENCHMARKS.md section 6)
+
+
+def fused_head(model, temperature: float):
+    """The causal LM inside `model` (DDP's or DeepSpeed's `.module`, PEFT's base model) with TRL's fused LM
+    head (`trl.trainer.utils.add_fused_lm_head`, what GRPOTrainer uses) added for `temperature`, or None
+    where the plain path is used: a small vocabulary, whose logits cost little and one matmul is faster; a
+    device where TRL has no Triton kernel for it (FUSED_HEAD_DEVICES); no
+    output embeddings; or a head already added for another temperature. The fused head projects the hidden
+    states through the LM head in tiles and keeps no (n, C, V) logits in either pass: at a 151,936-word
+    vocabulary the logits and their gradient are 2.5 GB per 8 rows of 256 tokens in fp32. Without
+    `fused_lm_head=True` the model's forward is the original one, so decoding is unchanged."""
+    inner = model
+    while isinstance(getattr(inner, "module", None), torch.nn.Module):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None or head.weight.shape[0] < FUSED_HEAD_MIN_VOCAB or head.weight.device.type not in FUSED_HEAD_DEVICES:
+        return None
+    patched = inner.__dict__.get("_rewardlab_fused_temperature")
+    if patched is None:
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(inner, temperature=temperature, outputs=("log_probs", "entropy"))
+        inner._rewardlab_fused_temperature = patched = temperature
+    return inner if patched == temperature else None
+
+
 def token_logprobs(model, t: Tensors, rows: torch.Tensor | slice, temperature: float,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (n, C) of the completion tokens under `model`, and optionally per-token entropy. The model
-    returns logits for the last C + 1 positions only; the only (n, C + 1, V) tensors are those logits (kept
-    for backward) and, in backward, their gradient."""
+    """Log-probs (n, C) of the completion tokens under `model`, and optionally per-token entropy. At a
+    large vocabulary through the fused head (`fused_head`); otherwise the model returns logits for the
+    last C + 1 positions only, and the only (n, C + 1, V) tensors are those logits (kept for backward)
+    and, in backward, their gradient."""
     C = t.completion_width
-    logits = model(input_ids=t.input_ids[rows], attention_mask=t.attention_mask[rows],
-                   position_ids=t.position_ids[rows], logits_to_keep=C + 1).logits
-    return selective_logprobs(logits, t.input_ids[rows][:, -C:], temperature, with_entropy)
+    ids, attention, positions = t.input_ids[rows], t.attention_mask[rows], t.position_ids[rows]
+    if fused_head(model, temperature) is not None:
+        labels = ids.masked_fill(attention == 0, -100)
+        labels[:, :-C] = -100  # only the completion is scored
+        out = model(input_ids=ids, attention_mask=attention, position_ids=positions, labels=labels,
+                    fused_lm_head=True)
+        return out.log_probs[:, -C:], out.entropy[:, -C:].detach() if with_entropy else None
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=C + 1).logits
+    return selective_logprobs(logits, ids[:, -C:], temperature, with_entropy)
 
 
 def clipped_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

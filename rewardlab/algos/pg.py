@@ -89,10 +89,13 @@ def step_positions(batch: Batch, tokenizer) -> list[list[int]]:
 class PolicyGradient:
     """Group policy gradient with a clipped ratio; estimator, clipping and aggregation are settings."""
 
+    config_class = PGConfig  # subclasses (PPO) extend the schema and the checks
+    check = staticmethod(check_settings)
+
     def __init__(self, context: AlgoContext | None = None, **settings: Any) -> None:
         context = context or AlgoContext()
-        self.cfg = PGConfig(**{k: v for k, v in settings.items() if k != "_target_"})
-        check_settings(self.cfg)
+        self.cfg = self.config_class(**{k: v for k, v in settings.items() if k != "_target_"})
+        self.check(self.cfg)
         if self.cfg.credit != "outcome" and not getattr(context.reward, "process", True):
             raise UserError(f"algo.credit={self.cfg.credit} needs a process reward (one that writes step_rewards, "
                             f"e.g. reward=arith_steps), and reward '{context.reward.name}' gives one score per "
@@ -115,8 +118,14 @@ class PolicyGradient:
         if self.optimizer is None:
             self._model = policy.model
             self._deepspeed = policy.sharding if isinstance(policy.sharding, DeepSpeed) else None
+            # torch's fused AdamW (as HF Trainer, hence TRL, uses) where the parameters are plain CPU/CUDA
+            # tensors: one kernel per step instead of a loop of ops per parameter with full-size temporaries
+            # (two 544 MB ones for a 151,936 x 896 embedding); FSDP's DTensors and DeepSpeed keep the default
+            fused = (self._deepspeed is None and not is_sharded(policy.model)
+                     and all(p.device.type in ("cpu", "cuda") for p in policy.model.parameters()))
             self.optimizer = torch.optim.AdamW(policy.model.parameters(), lr=self.cfg.lr,
-                                               weight_decay=self.cfg.weight_decay, betas=tuple(self.cfg.betas))
+                                               weight_decay=self.cfg.weight_decay, betas=tuple(self.cfg.betas),
+                                               **({"fused": True} if fused else {}))
             saved, self._saved_optimizer = self._saved_optimizer, None
             deepspeed_files = isinstance(saved, dict) and "deepspeed" in saved
             if self._deepspeed is not None:  # DeepSpeed takes over the optimizer (and ZeRO-3 the weights)
@@ -166,6 +175,11 @@ class PolicyGradient:
         return 1.0
 
     # ---- the update ----------------------------------------------------------------------------
+    @property
+    def kl_loss_coef(self) -> float:
+        """The k3 KL term's coefficient in the loss (PPO moves algo.beta into the reward instead)."""
+        return self.cfg.beta
+
     def advantages(self, batch: Batch, tokenizer=None) -> torch.Tensor:
         """(N,) per-completion advantages for outcome credit, (N, C) per-token ones for process credit."""
         index = {pid: i for i, pid in enumerate(batch.groups())}
@@ -173,6 +187,13 @@ class PolicyGradient:
         if self.cfg.credit == "outcome":
             rewards = torch.tensor(batch.reward, dtype=torch.float64)
             return ESTIMATORS[self.cfg.advantage](rewards, groups).float()
+        outcome = self.process_inputs(batch)
+        lengths = torch.tensor([len(c) for c in batch.completion_ids])
+        return process(batch.step_rewards, step_positions(batch, tokenizer), lengths, groups, self.cfg.credit,
+                       self.cfg.advantage, self.cfg.step_temperature, outcome, self.cfg.outcome_weight).float()
+
+    def process_inputs(self, batch: Batch) -> torch.Tensor | None:
+        """Check what a process reward wrote for step-level credit; the `algo.outcome` column (N,) or None."""
         if batch.step_rewards is None or batch.steps is None:
             raise UserError(f"algo.credit={self.cfg.credit} needs a process reward (one that writes step_rewards, "
                             f"e.g. reward=arith_steps); use algo.credit=outcome for this reward")
@@ -180,15 +201,12 @@ class PolicyGradient:
             if len(steps) != len(scores):
                 raise UserError(f"the process reward gave {len(scores)} scores for {len(steps)} steps; "
                                 f"it must score every step in batch.steps")
-        outcome = None
-        if self.cfg.outcome is not None:
-            if self.cfg.outcome not in batch.rewards:
-                raise UserError(f"algo.outcome={self.cfg.outcome!r} is not a reward column; "
-                                f"columns: {', '.join(batch.rewards) or 'none'}")
-            outcome = torch.tensor(batch.rewards[self.cfg.outcome], dtype=torch.float64)
-        lengths = torch.tensor([len(c) for c in batch.completion_ids])
-        return process(batch.step_rewards, step_positions(batch, tokenizer), lengths, groups, self.cfg.credit,
-                       self.cfg.advantage, self.cfg.step_temperature, outcome, self.cfg.outcome_weight).float()
+        if self.cfg.outcome is None:
+            return None
+        if self.cfg.outcome not in batch.rewards:
+            raise UserError(f"algo.outcome={self.cfg.outcome!r} is not a reward column; "
+                            f"columns: {', '.join(batch.rewards) or 'none'}")
+        return torch.tensor(batch.rewards[self.cfg.outcome], dtype=torch.float64)
 
     def update(self, policy, batch: Batch) -> dict[str, float]:
         self.setup(policy)
@@ -204,7 +222,7 @@ class PolicyGradient:
             batch.advantages = adv.tolist()
             adv = adv.to(device)
             token_adv = adv
-        if cfg.beta == 0 and not any_rank(bool(token_adv.any())):  # a zero loss with a zero gradient
+        if self.kl_loss_coef == 0 and not any_rank(bool(token_adv.any())):  # a zero loss with a zero gradient
             return skipped("every advantage is 0 (each group's rewards are all equal) and algo.beta=0: no gradient",
                            **{"advantage/abs_mean": 0.0})
         n = len(batch)
@@ -213,7 +231,7 @@ class PolicyGradient:
                 old = self._old_logprobs(batch, model, t)
         else:
             old = None  # one optimizer step on the sampling policy: rho = 1 exactly
-        ref = self._ref_logprobs(policy, t) if cfg.beta > 0 else None
+        ref = self._ref_logprobs(policy, t) if self.kl_loss_coef > 0 else None
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * self.lr_factor()
         trained = self._trained  # forward through the engine (DDP, DeepSpeed); decoding uses policy.model
@@ -230,6 +248,10 @@ class PolicyGradient:
                     sums[k] += v
                 steps += 1
         trained.eval()
+        if not isinstance(trained, DistributedDataParallel) and self._deepspeed is None:
+            # free the gradients until the next update (HF Trainer does too): a model-sized tensor per
+            # parameter otherwise stays through generation and checkpoint writes; DDP's live in its buckets
+            self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         lengths = mask.sum(-1)
         out = {k: v / steps for k, v in sums.items()}
@@ -260,7 +282,7 @@ class PolicyGradient:
                 logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=True)
                 old_logps = logps.detach() if old is None else old[micro]
                 token_loss, stats = clipped_loss(logps, old_logps, adv[micro], m, cfg.eps_low, cfg.eps_high,
-                                                 cfg.beta, None if ref is None else ref[micro])
+                                                 self.kl_loss_coef, None if ref is None else ref[micro])
                 loss = aggregate(token_loss, m, cfg.loss_agg, n_seqs, n_tokens, self.max_new_tokens)
                 if self._deepspeed is not None:
                     self._deepspeed.backward(loss * weight, last=index == padded - 1)
