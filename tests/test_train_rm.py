@@ -92,7 +92,8 @@ def test_prm_trains_and_loads_through_reward_prm(tmp_path):
     from rewardlab.rewards.prm import PRMReward
 
     data = write_jsonl(tmp_path / "labels.jsonl", stepwise_rows(64))
-    result = run_cli("train-rm", f"rm.data={data}", "rm.epochs=3", "rm.lr=3e-3", "rm.step_tag=:", *FAST,
+    result = run_cli("train-rm", f"rm.data={data}", "rm.epochs=3", "rm.lr=3e-3", "rm.step_tag=:",
+                     "rm.format=token_classification", *FAST,
                      f"hydra.run.dir={tmp_path / 'run'}")
     run_dir = run_dir_of(result)
     rows = read_metrics(run_dir)
