@@ -106,7 +106,7 @@ def test_prm_trains_and_loads_through_reward_prm(tmp_path):
     prompt, steps = "7+1=?\n", ["3+4=7", "#### 7?"]
     batch = make_batch([prompt], ["\n".join(steps)], ["7"])
     reward.score(batch)
-    encoded = PRMTraining(step_tag=":").encode({"prompt": prompt, "steps": steps, "labels": [True, False]},
+    encoded = PRMTraining(format="token_classification", step_tag=":").encode({"prompt": prompt, "steps": steps, "labels": [True, False]},
                                                reward.tokenizer)
     labelled = [i for i, y in enumerate(encoded["labels"]) if y != -100]
     with torch.no_grad():
@@ -170,13 +170,14 @@ def test_math_shepherd_prm_trains_the_lm_head_and_loads_through_reward_prm(tmp_p
     batch = make_batch([prompt], ["\n".join(steps)], ["7"])
     reward.score(batch)
     training = PRMTraining(format="math_shepherd")
-    training.candidates = [reward.tokenizer.encode(t, add_special_tokens=False)[-1] for t in "+-"]
+    candidates = [reward.tokenizer.encode(t, add_special_tokens=False)[-1] for t in "+-"]
+    assert training.candidates(reward.tokenizer) == candidates
     encoded = training.encode({"prompt": prompt, "steps": steps, "labels": [True, False]}, reward.tokenizer)
     ids, positions = math_shepherd_ids(reward.tokenizer, prompt, steps, ":")
     assert encoded["input_ids"] == ids
-    assert [encoded["labels"][p + 1] for p in positions] == training.candidates  # + for right, - for wrong
+    assert [encoded["labels"][p + 1] for p in positions] == candidates  # + for the right step, - for the wrong
     with torch.no_grad():
-        logits = reward.model(input_ids=torch.tensor([ids])).logits[0, positions][:, training.candidates]
+        logits = reward.model(input_ids=torch.tensor([ids])).logits[0, positions][:, candidates]
     assert batch.step_rewards[0] == pytest.approx(logits.softmax(-1)[:, 0].tolist(), abs=1e-5)
     assert batch.step_rewards[0][0] > batch.step_rewards[0][1]
 

@@ -139,11 +139,14 @@ class PRMTraining:
         if self.cfg.format not in PRM_FORMATS:
             raise UserError(f"rm.format={self.cfg.format!r} is not one of {', '.join(PRM_FORMATS)}")
         self.tag = self.cfg.step_tag if self.cfg.step_tag is not None else PRM_FORMATS[self.cfg.format]
-        self.candidates: list[int] = []
 
     @staticmethod
     def key(row: dict) -> str:
         return row["prompt"]
+
+    def candidates(self, tokenizer) -> list[int]:
+        """math_shepherd: the (good, bad) token ids, as reward=prm picks them (each text's last token)."""
+        return [tokenizer.encode(t, add_special_tokens=False)[-1] for t in (self.cfg.good_token, self.cfg.bad_token)]
 
     def ids(self, tokenizer, row: dict) -> tuple[list[int], list[int]]:
         """The ids `reward=prm` reads for this format and each step's scored position."""
@@ -163,8 +166,6 @@ class PRMTraining:
                 if not ids or ids[-1] == tokenizer.unk_token_id:
                     raise UserError(f"{token!r} (rm.step_tag / good_token / bad_token) is not a token of {source}'s "
                                     f"tokenizer; choose one of its own tokens")
-            self.candidates = [tokenizer.encode(t, add_special_tokens=False)[-1]
-                               for t in (self.cfg.good_token, self.cfg.bad_token)]
         else:
             model = AutoModelForTokenClassification.from_pretrained(source, num_labels=2)
         model.config.step_separator = self.tag  # read back by reward=prm
@@ -176,10 +177,12 @@ class PRMTraining:
         next token after the tag is the good or bad token (the causal LM's labels are shifted by the model)."""
         ids, positions = self.ids(tokenizer, row)
         labels = [-100] * len(ids)
-        for position, label in zip(positions, row["labels"]):
-            if self.cfg.format == "math_shepherd":
-                labels[position + 1] = self.candidates[0 if label else 1]
-            else:
+        if self.cfg.format == "math_shepherd":
+            good, bad = self.candidates(tokenizer)
+            for position, label in zip(positions, row["labels"]):
+                labels[position + 1] = good if label else bad
+        else:
+            for position, label in zip(positions, row["labels"]):
                 labels[position] = int(label)
         return {"input_ids": ids[: self.cfg.max_length], "labels": labels[: self.cfg.max_length]}
 
@@ -201,7 +204,10 @@ class PRMTraining:
             chunk = encoded[start : start + self.cfg.batch_size]
             ids, mask = _padded([i for i, _ in chunk], _pad_id(tokenizer), device)
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            probs = logits[..., self.candidates].softmax(-1)[..., 0] if self.candidates else logits.softmax(-1)[..., 1]
+            if self.cfg.format == "math_shepherd":
+                probs = logits[..., self.candidates(tokenizer)].softmax(-1)[..., 0]
+            else:
+                probs = logits.softmax(-1)[..., 1]
             probabilities.extend(probs[r, positions].tolist() for r, (_, positions) in enumerate(chunk))
         return process_metrics(probabilities, [r["labels"] for r in rows], self.cfg.threshold)
 
