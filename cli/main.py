@@ -45,16 +45,22 @@ def user_errors() -> Iterator[None]:
         fail(str(found))
 
 
-def _hydra(config_name: str, args: list[str], task: Callable) -> None:
-    """Validate the overrides, then run `task` under Hydra with the full Hydra command line."""
+def _hydra(config_name: str, args: list[str], task: Callable,
+           prepare: Callable[[list[str]], list[str]] | None = None) -> None:
+    """Validate the overrides, then run `task` under Hydra with the full Hydra command line (`prepare`d
+    after validation: what it adds needs torch, which a mistyped override should not wait for)."""
     import hydra
 
     from rewardlab.cli.overrides import validate
-    from rewardlab.config import register_schemas
+    from rewardlab.config import register_cached_schemas, register_schemas
 
-    register_schemas()
+    if not register_cached_schemas():  # checking the overrides needs no torch when the schema cache is fresh
+        register_schemas()
     with user_errors():
         validate(config_name, args)
+    register_schemas()  # the real classes for the run (a no-op if registered above)
+    if prepare is not None:
+        args = prepare(args)
     sys.argv = [f"rewardlab {config_name}", *args]
     hydra.main(config_path="pkg://rewardlab.conf", config_name=config_name, version_base="1.3")(task)()
 
@@ -108,11 +114,16 @@ def train(ctx: typer.Context) -> None:
     A finished run's model is in `<run dir>/final/`.
     """
     from rewardlab.resume import resume_args
-    from rewardlab.distributed import run_dir_overrides
 
     with user_errors():
         args = resume_args(list(ctx.args))
-    _hydra("train", run_dir_overrides(args), _train_task)
+
+    def one_run_dir(args: list[str]) -> list[str]:  # imports torch: after the overrides are checked
+        from rewardlab.distributed import run_dir_overrides
+
+        return run_dir_overrides(args)
+
+    _hydra("train", args, _train_task, prepare=one_run_dir)
 
 
 @app.command("eval", context_settings=HYDRA_ARGS)
@@ -162,12 +173,16 @@ def score(ctx: typer.Context, input: Path = typer.Argument(..., help="JSONL file
     `rewardlab score runs/.../ reward=prm reward.aggregate=last --output prm.jsonl`.
     """
     from rewardlab.cli.overrides import validate
-    from rewardlab.config import register_schemas
-    from rewardlab.scoring import score_file
+    from rewardlab.config import register_cached_schemas, register_schemas
 
-    register_schemas()
+    if not register_cached_schemas():
+        register_schemas()
     with user_errors():
         validate("score", list(ctx.args))
+    register_schemas()
+    from rewardlab.scoring import score_file
+
+    with user_errors():
         count = score_file(input, output, list(ctx.args))
     typer.echo(f"scored {count} rows: {output}")
 

@@ -7,12 +7,17 @@ Layout under the run directory:
     checkpoints/iter_0003/state.pt  iteration, the algorithm's `state_dict()` (optimizer, scheduler, its
                                     torch.Generator, what it carries across iterations), the prompt
                                     sampler's cursor, the python/numpy/torch(/cuda) RNG states of
-                                    every rank (rank 0 writes; ranks hold the same weights;
-                                    under FSDP weights and optimizer state are gathered whole
-                                    first, so a checkpoint does not depend on the sharding)
+                                    every rank (rank 0 writes; ranks hold the same weights)
+    checkpoints/iter_0003/sharded/  under FSDP instead of the weights in policy/ (which keeps the
+                                    tokenizer): each rank's shard of the weights and AdamW state,
+                                    written by that rank with torch.distributed.checkpoint and
+                                    resharded on loading (sharded_checkpoint.py); `final/` gets the
+                                    whole weights, gathered once when the run ends
     checkpoints/latest              a symlink to the newest complete checkpoint's `policy/` (so
-                                    `from_pretrained("<run dir>/checkpoints/latest")` loads it), written last
+                                    `from_pretrained("<run dir>/checkpoints/latest")` loads it, except
+                                    under FSDP: `rewardlab export` reads sharded/ whole), written last
     final/                          after a run completes: a copy of the last checkpoint's `policy/`
+                                    (under FSDP the whole weights, gathered once)
 A checkpoint is built in a temporary directory, synced, renamed into place, and only then named by
 `latest` (a new symlink renamed over the old one), so a crash or a full disk at any moment leaves the
 previous checkpoint intact. The weights go through transformers/peft `save_pretrained`; the rest of the loop
@@ -38,10 +43,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from rewardlab import distributed
+from rewardlab import distributed, sharded_checkpoint
 from rewardlab.distributed import Dist
 from rewardlab.errors import UserError
-from rewardlab.sharding import full_model_state
+from rewardlab.sharding import full_model_state, is_sharded
 
 FORMAT = 1
 STATE = "state.pt"
@@ -240,28 +245,34 @@ class Checkpointer:
 
     def save(self, iteration: int, policy, algo, sampler) -> Path:
         """Write the state after `iteration` atomically, mark it latest, and drop the oldest beyond `keep`.
-        Every rank calls it (its RNG states are gathered, and under FSDP the weights and optimizer
-        state); rank 0 writes."""
+        Every rank calls it (its RNG states are gathered; under FSDP and DeepSpeed each rank writes its
+        shards); rank 0 writes the rest."""
         final = self.root / f"iter_{iteration:04d}"
         rngs = distributed.gather_to_main(self.dist, rng_state())
         sharded = getattr(policy, "sharding", None)
-        whole = full_model_state(policy.model, sharded)  # None unless sharded: save_pretrained reads the model
+        fsdp = is_sharded(policy.model)  # each rank writes its shards: nothing is gathered
+        # None when FSDP-sharded or plain (save_pretrained reads the model); ZeRO-3 gathers to rank 0
+        whole = None if fsdp else full_model_state(policy.model, sharded)
         algo_state = algo.state_dict()
         tmp = self.root / f".tmp-{final.name}"
-        per_rank = getattr(sharded, "engine", None) is not None  # DeepSpeed: every rank writes its part
+        deepspeed = getattr(sharded, "engine", None) is not None  # DeepSpeed: every rank writes its part
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for leftover in self.root.glob(".tmp-*"):  # a save interrupted by a kill
                 shutil.rmtree(leftover, ignore_errors=True)
             tmp.mkdir()
-        if per_rank:
+        if fsdp or deepspeed:
             torch.distributed.barrier()
+        if fsdp:
+            sharded_checkpoint.save(tmp / sharded_checkpoint.FOLDER, policy.model, getattr(algo, "optimizer", None))
+        elif deepspeed:
             sharded.save(tmp / "deepspeed")
         if not self.dist.is_main:
             return final
         try:
-            with _no_progress_bars():
-                policy.model.save_pretrained(tmp / "policy", state_dict=whole)
+            if not fsdp:
+                with _no_progress_bars():
+                    policy.model.save_pretrained(tmp / "policy", state_dict=whole)
             policy.tokenizer.save_pretrained(tmp / "policy")
             torch.save({"format": FORMAT, "iteration": iteration, "algo": algo_state,
                         "sampler": sampler.state_dict(), "rng": rngs, "policy_source": policy.source},
@@ -283,15 +294,26 @@ class Checkpointer:
         self._prune(iteration)
         return final
 
-    def write_final(self) -> Path | None:
+    def write_final(self, policy) -> Path | None:
         """`<run dir>/final/`: the newest checkpoint's model directory (weights or LoRA adapters, and the
-        tokenizer), a plain `from_pretrained` directory that outlives checkpoint rotation. Rank 0 writes."""
-        latest = self.latest()
-        if not self.dist.is_main or latest is None:
+        tokenizer), a plain `from_pretrained` directory that outlives checkpoint rotation. Every rank calls
+        it; rank 0 writes. A sharded (FSDP) checkpoint has no whole weights: the live policy, which is the
+        newest checkpoint's, is gathered to rank 0 once here, the only whole-state gather of an FSDP run.
+        Whether to gather is decided by the live model, which every rank shares, not by the files, which
+        rank 0 may still be writing while another rank gets here."""
+        fsdp = is_sharded(policy.model)
+        whole = full_model_state(policy.model, getattr(policy, "sharding", None)) if fsdp else None  # a collective
+        latest = self.latest() if self.dist.is_main else None
+        if latest is None:
             return None
         final, tmp = self.run_dir / "final", self.run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(latest / "policy", tmp, copy_function=_link_or_copy)
+        if fsdp or (latest / sharded_checkpoint.FOLDER).is_dir():  # plain here: one process resumed a finished run
+            with _no_progress_bars():
+                policy.model.save_pretrained(tmp, state_dict=whole)
+            policy.tokenizer.save_pretrained(tmp)
+        else:
+            shutil.copytree(latest / "policy", tmp, copy_function=_link_or_copy)
         _fsync_tree(tmp)
         if final.exists():  # an extended run replaces its earlier final model
             old = self.run_dir / ".old-final"
@@ -317,10 +339,17 @@ class Checkpointer:
         state = load_state(path / STATE)
         if state.get("format") != FORMAT:
             raise UserError(f"checkpoint {path} has format {state.get('format')}, this rewardlab reads {FORMAT}")
-        with _no_progress_bars():
-            load_weights(policy, path / "policy")
+        shards = path / sharded_checkpoint.FOLDER
+        if shards.is_dir():  # FSDP's: read (resharded) into the whole model, sharded after the restore
+            sharded_checkpoint.check_files(shards)
+            sharded_checkpoint.load_weights(policy.model, shards)
+        else:
+            with _no_progress_bars():
+                load_weights(policy, path / "policy")
         algo_state = state["algo"]
         saved_optimizer = algo_state.get("optimizer") if isinstance(algo_state, dict) else None
+        if isinstance(saved_optimizer, dict) and "dcp" in saved_optimizer:  # its tensors are in sharded/
+            saved_optimizer["dcp"] = str(path / saved_optimizer["dcp"])
         if isinstance(saved_optimizer, dict) and "deepspeed" in saved_optimizer:  # files beside state.pt
             saved_optimizer["deepspeed"] = str(path / saved_optimizer["deepspeed"])
             check_deepspeed_files(Path(saved_optimizer["deepspeed"]))

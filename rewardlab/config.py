@@ -5,6 +5,14 @@ Component schemas are declared next to their implementation with `@schema(group,
 under `schema/<group>/<name>`; each YAML choice extends one with `defaults: [/schema/<group>/<name>@_here_]`.
 `register_schemas()` imports every rewardlab module so those declarations run: adding a component is
 one module and one YAML file, with no central list to edit.
+
+That import takes seconds (the modules import torch). So that a mistyped override is reported at once,
+`register_schemas()` also writes a description of every schema to a cache keyed by the source files, and
+`register_cached_schemas()` stores classes rebuilt from it without importing anything (schema_cache.py);
+the CLI validates overrides against those and imports the real modules only when the overrides are good.
+There is no rule to follow for it: a schema is a dataclass whose fields have the types OmegaConf
+accepts, as before (an Enum field would only make every command take the slow path; test_startup.py
+checks that every schema survives the cache unchanged).
 """
 
 from __future__ import annotations
@@ -103,3 +111,19 @@ def register_schemas() -> None:
         if not module.name.startswith(_SKIP):
             importlib.import_module(module.name)
     _registered = True
+    from rewardlab import schema_cache
+
+    schema_cache.write()
+
+
+def register_cached_schemas() -> bool:
+    """Store the schemas as the last `register_schemas()` described them, importing none of their modules
+    (no torch): enough to check overrides. False (nothing stored) when the sources changed since."""
+    if _registered:
+        return True
+    from rewardlab import schema_cache
+
+    store = ConfigStore.instance()
+    store.store(name="_train_schema", node=TrainConfig)
+    store.store(name="_eval_schema", node=EvalConfig)
+    return schema_cache.load()

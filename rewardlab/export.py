@@ -1,7 +1,8 @@
 """`rewardlab export RUN_DIR --out DIR [--merge-lora]`: a run's model as a plain model directory.
 
 The model comes from the run's `final/` (written when a run completes) or, for a run that stopped, its
-newest checkpoint. A full model is copied as saved (weights, config, tokenizer); a LoRA run holds only
+newest checkpoint (an FSDP one's shards are read whole into the model the run started from). A full
+model is copied as saved (weights, config, tokenizer); a LoRA run holds only
 adapters, which peft's `merge_and_unload` folds into the base model named in their adapter_config.json.
 The directory is built beside `--out` and renamed into place, so it is complete or absent.
 """
@@ -12,7 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from rewardlab.checkpoint import Checkpointer
+from rewardlab import sharded_checkpoint
+from rewardlab.checkpoint import Checkpointer, _no_progress_bars
 from rewardlab.errors import UserError
 from rewardlab.policy.lora import adapter_base, is_adapter_dir
 
@@ -25,7 +27,7 @@ def model_dir(run_dir: Path) -> Path:
     latest = Checkpointer(run_dir).latest() if run_dir.is_dir() else None
     if latest is None:
         raise UserError(f"{run_dir} has no final/ and no checkpoint; give the `run dir:` a training run printed")
-    return latest / "policy"
+    return latest / "policy"  # under FSDP only the tokenizer: the weights are in ../sharded/
 
 
 def _merged(source: Path, target: Path) -> None:
@@ -43,6 +45,22 @@ def _merged(source: Path, target: Path) -> None:
     AutoTokenizer.from_pretrained(str(source)).save_pretrained(target)
 
 
+def _from_shards(checkpoint: Path, target: Path) -> None:
+    """The whole model of an FSDP checkpoint (each rank's shard of the weights): the model the run started
+    from, with the saved weights read into it (DCP reshards them into whole tensors in this process)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rewardlab.checkpoint import STATE, load_state
+
+    folder = checkpoint / sharded_checkpoint.FOLDER
+    sharded_checkpoint.check_files(folder)
+    model = AutoModelForCausalLM.from_pretrained(load_state(checkpoint / STATE)["policy_source"], dtype="auto")
+    sharded_checkpoint.load_weights(model, folder)
+    with _no_progress_bars():
+        model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(str(checkpoint / "policy")).save_pretrained(target)
+
+
 def export_model(run_dir: Path, out: Path, merge_lora: bool = False) -> Path:
     """Write the run's model to `out` (a new or empty directory); LoRA adapters need `merge_lora`."""
     source = model_dir(run_dir)
@@ -57,7 +75,9 @@ def export_model(run_dir: Path, out: Path, merge_lora: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if adapters:
+        if (source.parent / sharded_checkpoint.FOLDER).is_dir():
+            _from_shards(source.parent, tmp)
+        elif adapters:
             _merged(source, tmp)
         else:
             shutil.copytree(source, tmp)

@@ -163,6 +163,8 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
     logger = instantiate(cfg.logger) if dist.is_main else NullLogger()
 
     sampler = PromptSampler(task.train_examples(), seed=cfg.run.seed)
+    if hasattr(algo, "check_data"):  # an algorithm that needs something of the data (algo=prime: answers)
+        algo.check_data(sampler.examples)
     warn_repeated_prompts(cfg.run.prompts_per_iteration, len(sampler.examples), algo.samples_per_prompt)
     test_set = list(task.test_examples())[: cfg.run.eval_size]
     if not test_set:
@@ -271,7 +273,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
                 progress.done(row)
                 checkpoint(iteration)
             with guard.deferred():
-                checkpoints.write_final()
+                checkpoints.write_final(policy)
     finally:
         extra = {"run_dir": str(run_dir), "world_size": dist.world_size,
                  "sharding": sharded.name if sharded is not None else "none"}

@@ -17,9 +17,11 @@ What a loop that owns its own generation needs beside that, for both:
   ranks decode different numbers of steps without waiting on each other's all-gathers.
 - The training forward/backward passes are collectives, so every rank runs the same number of micro-batches
   per optimizer step (`micro_steps`; a rank with fewer repeats one with zero weight).
-- Checkpoints hold the whole weights (gathered to rank 0; `from_pretrained` loads them). Under FSDP the
-  optimizer state is gathered whole too, so the checkpoint resumes under any number of processes, sharded
-  or not; DeepSpeed keeps its partitioned optimizer files, so it resumes with the same stage and processes.
+- Checkpoints under FSDP are written sharded with `torch.distributed.checkpoint` (sharded_checkpoint.py):
+  each rank writes its shard of the weights and AdamW state, nothing is gathered, and loading reshards, so
+  they resume under any number of processes, sharded or not. Only the exported model (`final/`) is gathered
+  whole, once, when the run ends. DeepSpeed writes its own partitioned files (one per rank) and, under
+  ZeRO-3, rank 0 gathers the weights for `policy/`; it resumes with the same stage and processes.
 Generation needs the whole model on each rank for a moment; what sharding saves is the training state
 (gradients, optimizer moments, and under FULL_SHARD / ZeRO-3 the parameters between uses).
 """
@@ -279,19 +281,30 @@ def full_model_state(model: torch.nn.Module, sharding: Any = None) -> dict[str, 
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-    """The optimizer's whole state keyed by parameter name (rank 0 holds it under FSDP; a collective
-    there), the same for sharded and plain models, so either can resume the other. None before the
-    first step: torch would fill an empty state by stepping with zero gradients, which counts a step."""
+    """The optimizer's whole state keyed by parameter name, so a sharded or plain model can resume it;
+    under FSDP only its param_groups and where the checkpointer writes its tensors, each rank its shards
+    (sharded_checkpoint.py). None before the first step: torch would fill an empty state by stepping with
+    zero gradients, which counts a step."""
     if not optimizer.state:
         return None
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    if is_sharded(model):
+        from rewardlab import sharded_checkpoint
+
+        groups = get_optimizer_state_dict(model, optimizer, options=_options())["param_groups"]
+        return {"dcp": sharded_checkpoint.FOLDER, "param_groups": groups}
     return get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load what `optimizer_state` wrote (every rank passes the whole state), or a plain
-    `optimizer.state_dict()` from checkpoints before names were used."""
+    """Load what `optimizer_state` wrote (every rank passes the whole state, or under FSDP the path of the
+    sharded tensors), or a plain `optimizer.state_dict()` from checkpoints before names were used."""
+    if "dcp" in state:
+        from rewardlab import sharded_checkpoint
+
+        sharded_checkpoint.load_optimizer(model, optimizer, state["dcp"], state["param_groups"])
+        return
     if all(isinstance(k, int) for k in state.get("state", {})) and all(
             isinstance(p, int) for g in state.get("param_groups", []) for p in g["params"]):
         if is_sharded(model):

@@ -51,9 +51,12 @@ def accelerate(config: str, run_dir: Path, *overrides: str) -> str:
 
 
 def final_weights(run_dir: Path, iteration: int = 2) -> dict[str, torch.Tensor]:
+    """The weights after `iteration`, the run's last: its checkpoint's policy/, or for an FSDP checkpoint
+    (each rank's shard, no whole weights) the final/ model gathered when the run ended."""
     from safetensors.torch import load_file
 
-    folder = run_dir / "checkpoints" / f"iter_{iteration:04d}" / "policy"
+    folder = run_dir / "checkpoints" / f"iter_{iteration:04d}"
+    folder = run_dir / "final" if (folder / "sharded").is_dir() else folder / "policy"
     return load_file(next(folder.glob("*.safetensors")))
 
 
@@ -78,6 +81,7 @@ def assert_same_metrics(a: list[dict], b: list[dict], rel: float = 0.0) -> None:
 def rewind(run_dir: Path, copy: Path, to: int) -> Path:
     """A copy of a finished run as a kill during iteration `to`+1 leaves it: that checkpoint is the latest."""
     shutil.copytree(run_dir, copy, symlinks=True)
+    shutil.rmtree(copy / "final")  # written again by the resumed run
     for path in (copy / "checkpoints").glob("iter_*"):
         if int(path.name.split("_")[1]) > to:
             shutil.rmtree(path)
@@ -119,25 +123,56 @@ def test_fsdp_shards_the_policy_and_trains_exactly_as_data_parallel(runs):
     assert_same_metrics(rows(runs["ddp"]), rows(runs["fsdp"]))  # same samples, rewards, KL, losses, eval
     assert rows(runs["fsdp"])[1]["update/steps"] == 2.0 and "kl" in rows(runs["fsdp"])[1]
     assert_same_weights(final_weights(runs["ddp"]), final_weights(runs["fsdp"]))
-    # written once, whole: the checkpoint loads with from_pretrained like any other
-    loaded = load_policy(path=str(runs["fsdp"] / "checkpoints" / "iter_0002" / "policy"), device="cpu",
-                         log=lambda *_: None)
+    # each rank wrote its own shard of the weights and AdamW state (torch.distributed.checkpoint); nothing
+    # whole is in the checkpoint, and the ranks' files are about the same size (each about half)
+    checkpoint = runs["fsdp"] / "checkpoints" / "iter_0002"
+    assert sorted(p.name for p in (checkpoint / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    sizes = [(checkpoint / "sharded" / f"__{r}_0.distcp").stat().st_size for r in (0, 1)]
+    assert max(sizes) < 1.2 * min(sizes) and not list((checkpoint / "policy").glob("*.safetensors"))
+    # final/ is gathered whole once, at the end: it loads with from_pretrained like any other
+    loaded = load_policy(path=str(runs["fsdp"] / "final"), device="cpu", log=lambda *_: None)
     assert_same_weights({k: v for k, v in loaded.model.state_dict().items() if k in final_weights(runs["fsdp"])},
                         final_weights(runs["fsdp"]))
 
 
 @pytest.mark.slow
 def test_checkpoints_resume_across_sharding(runs, tmp_path: Path):
-    """Killed after iteration 1: an FSDP run resumes under plain data parallelism, a data-parallel run
-    under SHARD_GRAD_OP, and both end exactly where the uninterrupted runs did."""
+    """Killed after iteration 1: an FSDP run (its sharded checkpoint) resumes under FSDP with 2 processes
+    and under plain data parallelism, a data-parallel run under SHARD_GRAD_OP, and all end exactly where
+    the uninterrupted runs did; in one process the sharded checkpoint resumes too (other samples: one
+    rank's RNG states cannot stand in for two, so it is not compared)."""
     from_fsdp = rewind(runs["fsdp"], tmp_path / "from_fsdp", to=1)
     torchrun(from_fsdp, f"resume={from_fsdp}")
+    fsdp_again = rewind(runs["fsdp"], tmp_path / "fsdp_again", to=1)
+    assert "resuming" in accelerate("fsdp.yaml", fsdp_again, f"resume={fsdp_again}")
     from_ddp = rewind(runs["ddp"], tmp_path / "from_ddp", to=1)
     stdout = accelerate("fsdp_shard_grad_op.yaml", from_ddp, f"resume={from_ddp}")
     assert "resuming" in stdout and "(fsdp_shard_grad_op)" in stdout
-    for resumed, original in ((from_fsdp, runs["fsdp"]), (from_ddp, runs["ddp"])):
+    for resumed, original in ((from_fsdp, runs["fsdp"]), (fsdp_again, runs["fsdp"]), (from_ddp, runs["ddp"])):
         assert_same_weights(final_weights(original), final_weights(resumed))
         assert_same_metrics(rows(original), rows(resumed))
+
+    alone = rewind(runs["fsdp"], tmp_path / "alone", to=1)
+    result = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={alone}"], capture_output=True,
+                            text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = " ".join((result.stdout + result.stderr).split())  # rich wraps long lines
+    assert "resuming" in output and "written by 2 processes, this run has 1" in output
+    assert [r["iteration"] for r in rows(alone)] == [0, 1, 2] and rows(alone)[2]["world_size"] == 1
+    assert sorted(final_weights(alone)) == sorted(final_weights(runs["fsdp"]))
+
+
+@pytest.mark.slow
+def test_a_stopped_fsdp_run_exports_its_sharded_checkpoint_whole(runs, tmp_path: Path):
+    """No final/ yet: `rewardlab export` reads the newest checkpoint's shards whole, in one process."""
+    from rewardlab.export import export_model
+
+    stopped = rewind(runs["fsdp"], tmp_path / "stopped", to=2)
+    out = export_model(stopped, tmp_path / "out")
+    from safetensors.torch import load_file
+
+    assert_same_weights(load_file(out / "model.safetensors"), final_weights(runs["fsdp"]))
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
 
 
 @pytest.mark.slow
@@ -149,7 +184,8 @@ def test_lora_adapters_start_equal_on_every_rank_and_shard(tmp_path: Path):
     accelerate("fsdp.yaml", tmp_path / "fsdp", *lora)
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert len(set(ddp["rank_param_sha256"])) == 1
-    assert (tmp_path / "fsdp" / "checkpoints" / "iter_0002" / "policy" / "adapter_config.json").exists()
+    assert (tmp_path / "fsdp" / "checkpoints" / "iter_0002" / "sharded" / ".metadata").exists()
+    assert (tmp_path / "fsdp" / "final" / "adapter_config.json").exists()  # only the adapters, gathered at the end
     assert_same_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp"))
     assert_same_metrics(rows(tmp_path / "ddp"), rows(tmp_path / "fsdp"))
 

@@ -1,5 +1,6 @@
 """The CLI starts without the heavy libraries: `--help`, `configs` and argument errors import no torch."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -47,3 +48,91 @@ def test_deepspeed_still_learns_it_runs_on_the_cpu_before_it_is_imported():
     accelerator, cuda = done.stdout.strip().splitlines()[-1].split()
     assert accelerator == ("None" if cuda == "True" else "cpu")
     assert "Setting ds_accelerator" not in done.stdout
+
+
+def _cli(args: list[str], env: dict[str, str]) -> tuple[int, str, list[str]]:
+    """(exit code, stderr, heavy modules imported) of `rewardlab ARGS` in a fresh interpreter."""
+    code = (f"import json, sys\nfrom rewardlab.cli.main import app\ntry:\n    app({args!r})\nexcept SystemExit as stop:\n"
+            f"    print(json.dumps([stop.code, sorted(m for m in {HEAVY!r} if m in sys.modules)]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    exit_code, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    return exit_code, done.stderr.strip(), heavy
+
+
+@pytest.fixture(scope="module")
+def schema_cache(tmp_path_factory) -> dict[str, str]:
+    """An environment whose schema cache the first command fills (it imports every module, torch too)."""
+    env = {**os.environ, "REWARDLAB_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    exit_code, stderr, heavy = _cli(["train", "algo=nope"], env)
+    assert exit_code == 2 and "torch" in heavy and stderr.startswith("error: unknown choice 'nope' for algo")
+    return env
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "algo=nope"], "error: unknown choice 'nope' for algo; choices: "),
+    (["train", "run.iterationz=3"], "error: unknown config key 'run.iterationz'"),
+    (["train", "run.iterations=abc"], "error: run.iterations: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["train", "algo.lrr=1"], "error: unknown config key 'algo.lrr'"),
+    (["eval", "generation.sampling.temperature=hot"], "error: generation.sampling.temperature: Value 'hot'"),
+])
+def test_override_errors_are_reported_without_importing_torch(schema_cache, args, message):
+    exit_code, stderr, heavy = _cli(args, schema_cache)
+    assert exit_code == 2 and stderr.startswith(message) and len(stderr.splitlines()) == 1
+    assert heavy == []
+
+
+def _shape(node) -> object:
+    """Everything OmegaConf knows about a config node: value, node type, declared type, optional, class name."""
+    from omegaconf import DictConfig, ListConfig
+
+    meta = node._metadata
+    about = (type(node).__name__, repr(meta.ref_type), meta.optional, getattr(meta.object_type, "__qualname__", None))
+    if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+        return about, {key: _shape(node._get_node(key)) for key in node.keys()}
+    if isinstance(node, ListConfig) and not node._is_none() and not node._is_missing():
+        return about, [_shape(node._get_node(i)) for i in range(len(node))]
+    return about, node._value()
+
+
+def test_every_schema_survives_the_cache_unchanged():
+    """The rebuilt classes give OmegaConf the same keys, defaults, types and class names as the real ones,
+    and keep the subclass relations between them (for new schemas too: every stored one is compared)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from rewardlab import schema_cache
+    from rewardlab.config import register_schemas
+
+    register_schemas()
+    description = json.loads(json.dumps(schema_cache.describe()))  # what the cache file holds
+    rebuilt = schema_cache.rebuild(description)
+    assert {e["group"] for e, _ in rebuilt} >= {"schema/algo", "schema/reward", "schema/dataset", "schema/generation"}
+    for entry, shadow in rebuilt:
+        real = ConfigStore.instance().load(f"{entry['group'] + '/' if entry['group'] else ''}{entry['name']}.yaml").node
+        assert _shape(OmegaConf.structured(shadow)) == _shape(real), entry["name"]
+    builder = schema_cache._Builder(description["classes"])
+    for ref in description["classes"]:  # the same dataclass bases, so issubclass checks answer the same
+        module, qualname = ref.split(":")
+        real = sys.modules[module]
+        for part in qualname.split("."):
+            real = getattr(real, part)
+        names = [[f"{b.__module__}:{b.__qualname__}" for b in c.__mro__ if dataclasses.is_dataclass(b)]
+                 for c in (real, builder.cls(ref))]
+        assert names[0] == names[1], ref
+
+
+def test_an_edited_source_file_makes_the_cache_stale_and_the_next_write_replaces_it(tmp_path, monkeypatch):
+    from rewardlab import schema_cache
+
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "module.py").write_text("x = 1\n")
+    monkeypatch.setattr(schema_cache, "_package", lambda: package)
+    monkeypatch.setenv("REWARDLAB_CACHE", str(tmp_path / "cache"))
+    schema_cache.write()
+    first = schema_cache.cache_file()
+    assert first.exists() and json.loads(first.read_text())["version"] == schema_cache.VERSION
+    (package / "module.py").write_text("x = 22\n")
+    assert schema_cache.cache_file() != first and not schema_cache.load()  # stale: nothing stored
+    schema_cache.write()
+    assert schema_cache.cache_file().exists() and not first.exists()

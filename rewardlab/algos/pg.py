@@ -148,8 +148,8 @@ class PolicyGradient:
                 self._trained = policy.model if is_sharded(policy.model) else data_parallel(policy.model)
 
     def state_dict(self) -> dict[str, Any]:
-        """Every rank calls it (under FSDP the optimizer state is gathered to rank 0, keyed by name;
-        DeepSpeed's stays in its own per-rank files, which the checkpointer has written beside it)."""
+        """Every rank calls it (under FSDP and DeepSpeed the optimizer's tensors stay sharded, in files each
+        rank writes beside state.pt: sharded/ (the checkpointer) and deepspeed/)."""
         optimizer = self._saved_optimizer
         if self._deepspeed is not None:
             optimizer = {"deepspeed": "deepspeed"}  # relative to the checkpoint directory

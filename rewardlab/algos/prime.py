@@ -1,0 +1,284 @@
+"""PRIME (Cui et al. 2025, "Process Reinforcement through Implicit Rewards"): the policy-gradient update of
+pg.py with dense credit from an implicit PRM (Yuan et al. 2024, "Free Process Rewards without Process
+Labels") that is trained online on the rollouts' outcome labels.
+
+The implicit PRM pi_phi is a causal LM (a copy of the initial policy, or `algo.prime.model`) beside a
+frozen reference pi_ref (the policy's own reference, or a frozen copy of `algo.prime.model`). Each
+iteration, in the order of the paper's algorithm and its code (PRIME-RL/PRIME, `update=after`):
+1. score: token reward r_t = beta * (log pi_phi(y_t) - log pi_ref(y_t)), sequence reward r_phi(y) = sum_t r_t;
+   `prime/accuracy` compares sign(r_phi) with the gold label before the PRM has seen these rollouts, and
+   `prime/pairwise_accuracy` (PRIME's own figure) how often r_phi orders a group's right and wrong ones;
+2. update the PRM by one optimizer step on the cross-entropy BCE(sigmoid(r_phi(y)), gold) (the same forward
+   pass gives the scores of step 1, as in PRIME's single-forward mode);
+3. advantages: token rewards divided by the batch's largest |return| (PRIME's `prime_norm=batch_norm`;
+   this makes beta cancel out of the advantages), then RLOO returns computed separately on the process
+   rewards (PRIME's baseline: the group's mean per-token reward, leave-one-out) and on the outcome reward
+   (the run's reward at the last token, leave-one-out), with gamma = 1, summed, and whitened over the
+   batch's tokens (verl's `masked_whiten`);
+4. the clipped-ratio policy update of pg.py on those per-token advantages.
+Written here because no maintained library has PRIME's online PRM (it lives in a verl recipe); the
+formulas are checked against that code in tests/test_prime.py. Under torchrun the PRM trains under DDP
+like the policy, and the batch statistics (norm, whitening) are taken over all ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+
+from rewardlab.algos import AlgoContext
+from rewardlab.algos.advantages import returns_to_go, rloo
+from rewardlab.algos.losses import Tensors, to_tensors, token_logprobs
+from rewardlab.algos.pg import PGConfig, PolicyGradient
+from rewardlab.config import schema
+from rewardlab.distributed import data_parallel, no_sync, param_digest
+from rewardlab.errors import UserError
+from rewardlab.rollout import Batch
+from rewardlab.sharding import load_optimizer_state, optimizer_state
+
+NORMS = ("batch_norm", "none")
+NO_REFERENCES = ("algo=prime trains its implicit PRM on outcome labels (each rollout checked against its prompt's "
+                 "reference answer), and this data set has prompts without one; give it an answer field "
+                 "(dataset.answer_field) or use another algo")
+
+
+@dataclass
+class ImplicitPRMSettings:
+    model: Optional[str] = None  # a local causal LM sharing the policy's tokenizer; default: the initial policy
+    lr: float = 5e-4  # the tiny policy's PRM did not move at 5e-5 in 20 iterations
+    beta: float = 0.05  # r_t = beta * log pi_phi / pi_ref (PRIME's beta_train)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 10.0  # PRIME's prime_model.optim.grad_clip
+    norm: str = "batch_norm"  # batch_norm (PRIME's prime_norm) | none
+    micro_batch_size: int = 64  # rollouts per forward/backward of the PRM
+
+
+@schema("algo", "prime")
+@dataclass
+class PrimeConfig(PGConfig):
+    _target_: str = "rewardlab.algos.prime.Prime"
+    advantage: str = "rloo"  # PRIME's estimator (fixed)
+    prime: ImplicitPRMSettings = field(default_factory=ImplicitPRMSettings)
+
+
+def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`x` summed (or its maximum, op="max") over ranks; itself in one process."""
+    if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        x = x.clone()
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MAX if op == "max" else torch_dist.ReduceOp.SUM)
+    return x
+
+
+def implicit_rewards(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """(N, C) token rewards beta * (log pi_phi(y_t) - log pi_ref(y_t)), 0 past each completion."""
+    return beta * (logps - ref_logps) * mask
+
+
+def cross_entropy(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                  beta: float) -> torch.Tensor:
+    """(N,) the implicit PRM's outcome loss per rollout: BCE(sigmoid(r_phi(y)), label), r_phi the summed
+    token rewards (with logits: the same value without sigmoid's underflow)."""
+    r = implicit_rewards(logps, ref_logps, mask, beta).sum(-1)
+    return F.binary_cross_entropy_with_logits(r, labels.to(r.dtype), reduction="none")
+
+
+def pairwise_accuracy(sequence: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> float:
+    """PRIME's `compute_dpo_accuracy` (its logged PRM accuracy, free of the label base rate): per group,
+    over pairs with different labels, the share where r_phi orders them like the labels (weighted by the
+    label gap); 0.5 for a group whose labels are all equal; the mean over groups."""
+    scores = []
+    for g in range(int(groups.max()) + 1):
+        rows = (groups == g).nonzero().squeeze(-1)
+        upper = torch.triu(torch.ones(len(rows), len(rows), dtype=torch.bool), diagonal=1)
+        gap = (labels[rows][:, None] - labels[rows][None, :])[upper]
+        order = (sequence[rows][:, None] - sequence[rows][None, :])[upper]
+        weight = gap.abs().sum()
+        scores.append(0.5 if weight == 0 else float((((order > 0) == (gap > 0)).float() * gap.abs()).sum() / weight))
+    return sum(scores) / len(scores)
+
+
+def batch_normalize(token_rewards: torch.Tensor) -> torch.Tensor:
+    """PRIME's `batch_norm`: token rewards over (the largest |return-to-go| in the batch + 1e-6), so no
+    process return exceeds 1 in size; the statistic is over every rank's rows."""
+    largest = _all_reduce(returns_to_go(token_rewards).abs().max().reshape(1), "max")
+    return token_rewards / (largest + 1e-6)
+
+
+def process_rloo(token_rewards: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """PRIME's RLOO on process rewards (`compute_rloo_returns`, key rm_scores): in a group of n, with m_j
+    completion j's mean token reward, token t of completion i gets r_it * n/(n-1) - sum_j m_j / (n-1)
+    (= r_it - the others' mean of means, taken with r_it standing in for m_i); a group of one gets 0."""
+    lengths = mask.sum(-1).clamp(min=1)
+    means = (token_rewards * mask).sum(-1) / lengths
+    n = torch.zeros(int(groups.max()) + 1, dtype=means.dtype).index_add_(0, groups, torch.ones_like(means))[groups]
+    total = torch.zeros(int(groups.max()) + 1, dtype=means.dtype).index_add_(0, groups, means)[groups]
+    scale = (n / (n - 1).clamp(min=1))[:, None]
+    out = (token_rewards * scale - (total / (n - 1).clamp(min=1))[:, None]) * mask
+    return torch.where((n > 1)[:, None], out, torch.zeros_like(out))
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's `masked_whiten`: (x - mean) / sqrt(var + 1e-8) over the masked tokens of every rank,
+    var with Bessel's correction; 0 on padding."""
+    stats = _all_reduce(torch.stack([(values * mask).sum(), mask.sum()]))
+    mean = stats[0] / stats[1]
+    spread = _all_reduce(((values - mean) ** 2 * mask).sum().reshape(1))[0]
+    var = spread / stats[1] * (stats[1] / (stats[1] - 1).clamp(min=1))
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def prime_advantages(token_rewards: torch.Tensor, outcome: torch.Tensor, mask: torch.Tensor,
+                     groups: torch.Tensor, whiten: bool = True) -> torch.Tensor:
+    """(N, C) PRIME's advantages: RLOO returns (gamma = 1) of the process rewards and of the outcome
+    reward (at each completion's last token), computed separately and added, then whitened."""
+    process = returns_to_go(process_rloo(token_rewards, mask, groups))
+    lengths = mask.sum(-1).long()
+    final = torch.zeros_like(token_rewards)
+    rows = torch.arange(len(lengths))[lengths > 0]
+    final[rows, lengths[rows] - 1] = rloo(outcome.to(token_rewards.dtype), groups)[rows]
+    returns = (process + returns_to_go(final)) * mask
+    return masked_whiten(returns, mask) if whiten else returns
+
+
+class Prime(PolicyGradient):
+    """pg.py's update on PRIME's per-token advantages, with the implicit PRM trained online beside it."""
+
+    config_class = PrimeConfig
+
+    def __init__(self, context: AlgoContext | None = None, **settings: Any) -> None:
+        super().__init__(context, **settings)
+        prime = self.cfg.prime
+        self.settings = prime if isinstance(prime, ImplicitPRMSettings) else ImplicitPRMSettings(**prime)
+        if self.cfg.credit != "outcome" or self.cfg.advantage != "rloo":
+            raise UserError("algo=prime makes its own process credit (implicit PRM + RLOO); leave algo.credit "
+                            "and algo.advantage at outcome and rloo")
+        if self.settings.norm not in NORMS:
+            raise UserError(f"algo.prime.norm={self.settings.norm!r} is not one of {', '.join(NORMS)}")
+        if self.settings.beta <= 0:
+            raise UserError(f"algo.prime.beta={self.settings.beta} must be positive")
+        self.prm: torch.nn.Module | None = None
+        self._prm_trained: torch.nn.Module | None = None  # the PRM under DDP when several ranks train
+        self._prm_reference: torch.nn.Module | None = None  # only for algo.prime.model (else the policy's)
+        self.prm_optimizer: torch.optim.Optimizer | None = None
+        self._saved_prm: dict[str, Any] | None = None
+        self._token_advantages: torch.Tensor | None = None
+
+    def check_data(self, examples) -> None:
+        """Refuse a data set without reference answers before any work (run.py calls it): the PRM's labels
+        are the verifiable check of each rollout against its prompt's answer."""
+        if not any(e.answer is not None for e in examples):
+            raise UserError(NO_REFERENCES)
+
+    # ---- the implicit PRM and its state ------------------------------------------------------------
+    def _build_prm(self, policy) -> None:
+        if self.prm is not None:
+            return
+        if policy.sharding is not None:
+            raise UserError("algo=prime keeps a whole implicit PRM on every rank; run it without the FSDP / "
+                            "DeepSpeed config (torchrun data parallelism works)")
+        if self.settings.model is None:
+            self.prm = policy.load_fresh()
+        else:
+            from rewardlab.policy import _local_dir, load_model
+
+            source = str(_local_dir(self.settings.model, "algo.prime.model"))
+            self.prm = load_model(source, policy.model.dtype).to(policy.device)
+            self._prm_reference = load_model(source, policy.model.dtype).to(policy.device).eval().requires_grad_(False)
+        self.prm.eval()
+        self.prm_optimizer = torch.optim.AdamW([p for p in self.prm.parameters() if p.requires_grad],
+                                               lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+        if self._saved_prm is not None:
+            self.prm.load_state_dict(self._saved_prm["model"])
+            if self._saved_prm.get("optimizer") is not None:
+                load_optimizer_state(self.prm, self.prm_optimizer, self._saved_prm["optimizer"])
+            self._saved_prm = None
+        self._prm_trained = data_parallel(self.prm)
+
+    def state_dict(self) -> dict[str, Any]:
+        """pg.py's state plus the PRM's weights and optimizer state; every rank calls it, and each rank's
+        PRM digest is recorded under several processes so a checkpoint shows the replicas agree."""
+        state = super().state_dict()
+        if self.prm is None:
+            state["prime"] = self._saved_prm
+            return state
+        state["prime"] = {"model": {k: v.detach().to("cpu", copy=True) for k, v in self.prm.state_dict().items()},
+                          "optimizer": optimizer_state(self.prm, self.prm_optimizer)}
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            digests: list[Any] = [None] * torch_dist.get_world_size()
+            torch_dist.all_gather_object(digests, param_digest(self.prm))
+            state["prime"]["rank_sha256"] = digests
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], policy) -> None:
+        super().load_state_dict(state, policy)
+        self._saved_prm = state.get("prime")
+        self.prm = self._prm_trained = self.prm_optimizer = None  # rebuilt with the saved state on next use
+
+    # ---- one iteration ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _reference_logprobs(self, policy, t: Tensors) -> torch.Tensor:
+        size = self.settings.micro_batch_size
+
+        def run(model):
+            return torch.cat([token_logprobs(model, t, slice(s, s + size), 1.0)[0]
+                              for s in range(0, t.input_ids.shape[0], size)])
+
+        if self._prm_reference is not None:
+            return run(self._prm_reference)
+        with policy.reference() as reference:
+            return run(reference)
+
+    def _train_prm(self, t: Tensors, ref: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One optimizer step on the mean cross-entropy; returns the PRM's log-probs before the step."""
+        model, mask, n = self._prm_trained, t.completion_mask, t.input_ids.shape[0]
+        size = self.settings.micro_batch_size
+        starts = list(range(0, n, size))
+        self.prm_optimizer.zero_grad(set_to_none=True)
+        model.train()
+        logps, loss_sum = [], 0.0
+        for index, start in enumerate(starts):
+            rows = slice(start, start + size)
+            with no_sync(model, last=index == len(starts) - 1):
+                lp = token_logprobs(model, t, rows, 1.0)[0]
+                loss = cross_entropy(lp, ref[rows], mask[rows], labels[rows], self.settings.beta).sum() / n
+                loss.backward()
+            logps.append(lp.detach())
+            loss_sum += float(loss.detach())
+        norm = torch.nn.utils.clip_grad_norm_(self.prm.parameters(), self.settings.max_grad_norm)
+        self.prm_optimizer.step()
+        model.eval()
+        return torch.cat(logps), {"prime/loss": loss_sum, "prime/grad_norm": float(norm)}
+
+    def update(self, policy, batch: Batch) -> dict[str, float]:
+        if batch.gold is None or any(g is None for g in batch.gold):
+            raise UserError(NO_REFERENCES)
+        self._build_prm(policy)
+        t = to_tensors(batch, policy.tokenizer.pad_token_id, policy.device)
+        mask = t.completion_mask
+        labels = torch.tensor(batch.gold, dtype=torch.float32, device=policy.device)
+        ref = self._reference_logprobs(policy, t)
+        logps, metrics = self._train_prm(t, ref, labels)
+        token_rewards = implicit_rewards(logps, ref, mask, self.settings.beta)  # before the PRM's step
+        sequence = token_rewards.sum(-1)
+        tokens = token_rewards[mask.bool()]
+        metrics.update({"prime/accuracy": float(((sequence > 0) == (labels > 0.5)).float().mean()),
+                        "prime/reward_mean": float(sequence.mean()),
+                        "prime/token_reward/mean": float(tokens.mean()), "prime/token_reward/std":
+                        float(tokens.std()) if tokens.numel() > 1 else 0.0,
+                        "prime/token_reward/max": float(tokens.max()), "prime/token_reward/min": float(tokens.min())})
+        index = {pid: i for i, pid in enumerate(batch.groups())}
+        groups = torch.tensor([index[p] for p in batch.prompt_id])
+        metrics["prime/pairwise_accuracy"] = pairwise_accuracy(sequence.cpu(), labels.cpu(), groups)
+        if self.settings.norm == "batch_norm":
+            token_rewards = batch_normalize(token_rewards)
+        outcome = torch.tensor(batch.reward, dtype=torch.float32)
+        self._token_advantages = prime_advantages(token_rewards.cpu(), outcome, mask.cpu(), groups)
+        return {**super().update(policy, batch), **metrics}
+
+    def advantages(self, batch: Batch, tokenizer=None) -> torch.Tensor:
+        """(N, C) the per-token advantages `update` computed from the implicit PRM and the outcome."""
+        return self._token_advantages

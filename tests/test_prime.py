@@ -1,0 +1,297 @@
+"""algo=prime: the implicit reward and its cross-entropy update against hand-computed values and against
+PRIME's own code, the advantages, exact state round trips, and (slow) a run that resumes after SIGKILL and
+a 2-process torchrun whose ranks end with identical policy and PRM weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_cli
+from rewardlab.algos import AlgoContext
+from rewardlab.algos.prime import (Prime, batch_normalize, cross_entropy, implicit_rewards, pairwise_accuracy,
+                                   prime_advantages, process_rloo)
+from rewardlab.checkpoint import load_state
+from rewardlab.data.base import Example
+from rewardlab.errors import UserError
+from rewardlab.policy import Policy
+
+PRIME_COMMIT = "18ad596f08d487bb546d80d738d99ec697bd2e75"  # github.com/PRIME-RL/PRIME
+
+
+def test_implicit_reward_and_cross_entropy_equal_a_hand_computed_example():
+    logps = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.125, 0.5, 0.5]])).requires_grad_(True)
+    ref = torch.log(torch.tensor([[0.25, 0.25, 0.1], [0.5, 0.5, 0.25]]))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # row 0's third token is padding
+    labels = torch.tensor([1.0, 0.0])
+    rewards = implicit_rewards(logps, ref, mask, beta=0.5)
+    half_ln2 = 0.5 * math.log(2)
+    assert torch.allclose(rewards, torch.tensor([[half_ln2, 0, 0], [-2 * half_ln2, 0, half_ln2]]))
+    # r_phi = +-ln2/2, sigmoid(ln2/2) = 2 - sqrt2: loss -ln(2 - sqrt2) for the right label on both rows
+    loss = cross_entropy(logps, ref, mask, labels, beta=0.5)
+    assert torch.allclose(loss, torch.tensor([-math.log(2 - math.sqrt(2))] * 2))
+    # the update's gradient: d mean(loss) / d log pi_phi(y_t) = beta * (sigmoid(r_phi) - label) / N per real token
+    loss.mean().backward()
+    g = 0.5 * (2 - math.sqrt(2) - 1) / 2
+    assert torch.allclose(logps.grad, torch.tensor([[g, g, 0.0], [-g, -g, -g]]))
+
+
+def test_process_and_outcome_rloo_returns_hand_computed():
+    rewards = torch.tensor([[1.0, 3.0], [4.0, 0.0], [5.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    groups = torch.tensor([0, 0, 1])  # the third completion is alone: no baseline, advantage 0
+    # group 0: means 2 and 4, n = 2: r * 2 - (2 + 4) / 1
+    assert torch.allclose(process_rloo(rewards, mask, groups), torch.tensor([[-4.0, 0.0], [2.0, 0.0], [0.0, 0.0]]))
+    outcome = torch.tensor([1.0, 0.0, 1.0])
+    returns = prime_advantages(rewards, outcome, mask, groups, whiten=False)
+    # process returns-to-go [-4, 0] / [2]; outcome RLOO +1 / -1 at the last token, returned to every earlier one
+    assert torch.allclose(returns, torch.tensor([[-3.0, 1.0], [1.0, 0.0], [0.0, 0.0]]))
+    whitened = prime_advantages(rewards, outcome, mask, groups)
+    values = torch.tensor([-3.0, 1.0, 1.0, 0.0, 0.0])  # the five real tokens
+    expected = (values - values.mean()) / values.std()
+    assert torch.allclose(whitened[mask.bool()], expected, atol=1e-6) and whitened[1, 1] == 0
+
+
+# ---- PRIME's code, transcribed from PRIME-RL/PRIME at PRIME_COMMIT --------------------------------------
+def prime_ce_loss(token_level_scores, acc, eos_mask, beta):
+    """training/verl/trainer/ppo/core_algos.py: compute_ce_dpo_loss_rm."""
+    cur_scores = ((token_level_scores * eos_mask).sum(dim=1) * beta).sigmoid()
+    return torch.nn.functional.binary_cross_entropy(cur_scores, acc)
+
+
+def prime_batch_norm(token_level_scores):
+    """training/verl/workers/actor/dp_prime.py: update_policy, prime_norm == 'batch_norm'."""
+    reverse_cumsum = torch.cumsum(token_level_scores.flip(dims=[1]), dim=-1).flip(dims=[1])
+    return token_level_scores / (reverse_cumsum.abs().max() + 1e-6)
+
+
+def verl_masked_whiten(values, mask):
+    """training/verl/utils/torch_functional.py: masked_mean, masked_var (unbiased), masked_whiten."""
+    mean = (values * mask).sum() / mask.sum()
+    var = (((values - mean) ** 2) * mask).sum() / mask.sum() * (mask.sum() / (mask.sum() - 1))
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def prime_rloo_returns(scores: dict, eos_mask, n_samples):
+    """training/verl/trainer/ppo/core_algos.py: compute_rloo_returns with gamma 1 (run_prime_main.sh)."""
+    discount_rewards = []
+    for k, v in scores.items():
+        if k == "rm_scores":
+            reward_mask = eos_mask.bool()
+        else:  # gt_scores
+            valid_response_length = eos_mask.sum(-1).long()
+            reward_mask = torch.zeros_like(v, dtype=torch.bool)
+            reward_mask[torch.arange(0, valid_response_length.shape[0]), valid_response_length - 1] = True
+        reward_tensor = v.clone()
+        reward_tensor[~reward_mask] = 0
+        for start_pos in range(0, reward_tensor.shape[0], n_samples):
+            cur_rewards_mean = torch.cat([reward_tensor[pos:pos + 1][reward_mask[pos:pos + 1]].mean(dim=0, keepdim=True)
+                                          for pos in range(start_pos, start_pos + n_samples)], dim=0)
+            cur_reward_baseline = cur_rewards_mean.sum() / (n_samples - 1)
+            rows = slice(start_pos, start_pos + n_samples)
+            reward_tensor[rows][reward_mask[rows]] = (reward_tensor[rows][reward_mask[rows]] * (n_samples / (n_samples - 1))
+                                                      - cur_reward_baseline)
+        discount_reward = torch.zeros_like(reward_tensor)
+        for step in reversed(range(reward_tensor.shape[1])):
+            later = discount_reward[:, step + 1] if step < reward_tensor.shape[1] - 1 else 0
+            discount_reward[:, step] = reward_tensor[:, step] + later
+        discount_rewards.append(discount_reward)
+    return verl_masked_whiten(sum(discount_rewards), eos_mask)
+
+
+def prime_dpo_accuracy(token_level_scores, acc, eos_mask, n_samples):
+    """training/verl/trainer/ppo/core_algos.py: compute_dpo_accuracy."""
+    dpo_acc = []
+    for start_id in range(0, token_level_scores.shape[0], n_samples):
+        cur_scores = (token_level_scores[start_id:start_id + n_samples] * eos_mask[start_id:start_id + n_samples]).sum(dim=1)
+
+        def get_upper_triangle(tensor_x):
+            diff_matrix = tensor_x.unsqueeze(1) - tensor_x.unsqueeze(0)
+            return diff_matrix[torch.triu(torch.ones_like(diff_matrix).bool(), diagonal=1)]
+
+        cur_acc_diff = get_upper_triangle(acc[start_id:start_id + n_samples])
+        cur_score_diff = get_upper_triangle(cur_scores)
+        if cur_acc_diff.abs().sum() == 0:
+            cur_acc = torch.zeros_like((cur_score_diff > 0).float()[0]) + 0.5
+        else:
+            cur_acc = (((cur_score_diff > 0) == (cur_acc_diff > 0)).float() * cur_acc_diff.abs()).sum() / cur_acc_diff.abs().sum()
+        dpo_acc.append(cur_acc.unsqueeze(0))
+    return torch.cat(dpo_acc, dim=0).mean()
+
+
+def test_the_formulas_equal_prime_code_on_the_same_inputs():
+    torch.manual_seed(3)
+    n, groups_of, width, beta = 4, 3, 7, 0.05
+    lengths = torch.randint(2, width + 1, (n * groups_of,))
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+    logps, ref = -torch.rand(n * groups_of, width) * 3, -torch.rand(n * groups_of, width) * 3
+    acc = torch.randint(0, 2, (n * groups_of,)).float()
+    groups = torch.arange(groups_of).repeat_interleave(n)
+
+    ours = cross_entropy(logps, ref, mask, acc, beta).mean()
+    assert torch.allclose(ours, prime_ce_loss(logps - ref, acc, mask, beta))  # PRIME's q excludes beta
+
+    q = (logps - ref) * mask  # PRIME's token-granularity scores: q on each response token
+    gt = torch.zeros_like(q)
+    gt[torch.arange(len(lengths)), lengths - 1] = acc
+    theirs = prime_rloo_returns({"rm_scores": prime_batch_norm(q), "gt_scores": gt}, mask, n)
+    token_rewards = batch_normalize(implicit_rewards(logps, ref, mask, beta))  # beta cancels in the norm
+    ours = prime_advantages(token_rewards, acc, mask, groups)
+    assert torch.allclose(ours, theirs * mask, atol=1e-4)
+
+    sequence = implicit_rewards(logps, ref, mask, beta).sum(-1)
+    same = torch.tensor([1.0, 1.0, 1.0, 1.0])  # a group whose labels are all equal counts 0.5, as in PRIME
+    labels = torch.cat([acc[:8], same])
+    assert pairwise_accuracy(sequence, labels, groups) == pytest.approx(float(prime_dpo_accuracy(q, labels, mask, n)))
+
+
+# ---- the algorithm on a small random model --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_small_policy(tmp_path_factory):
+    """A 1-layer random model over the tiny vocabulary, saved so the PRM and the reference load from it."""
+    from rewardlab.policy import load_model, load_tokenizer
+    from rewardlab.policy.tiny import TinyBuild, build_model, build_tokenizer, save_char_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    directory = tmp_path_factory.mktemp("small")
+    build_model(TinyBuild(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64),
+                tok).save_pretrained(directory)
+    save_char_tokenizer(tok, directory)
+    return str(directory), load_model(str(directory), torch.float32), load_tokenizer(str(directory))
+
+
+def small_policy(saved) -> Policy:
+    source, model, tok = saved
+    return Policy(model=copy.deepcopy(model).eval(), tokenizer=tok, source=source, device=torch.device("cpu"))
+
+
+def make_batch(tok, gold):
+    prompts = ["1+2", "1+2", "3+4", "3+4"]
+    completions = ["1+2=3\n#### 3", "#### 4", "3+4=7\n#### 7", "#### 9"]
+    ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
+    from rewardlab.rollout import Batch
+
+    return Batch(prompt_id=prompts, prompt=[f"{p}=?\n" for p in prompts], completion=completions,
+                 prompt_ids=[tok(f"{p}=?\n", add_special_tokens=False)["input_ids"] for p in prompts],
+                 completion_ids=ids, finish_reason=["stop"] * 4, reference=[None if g is None else "x" for g in gold],
+                 solution=[None] * 4, reward=[1.0, 0.0, 1.0, 0.0], gold=gold)
+
+
+def prime(**settings) -> Prime:
+    return Prime(AlgoContext(temperature=1.0, max_new_tokens=12, total_iterations=4), minibatch_size=0,
+                 samples_per_prompt=2, prime={"lr": 1e-2, **settings})
+
+
+def test_the_prm_learns_the_labels_and_its_state_round_trips_exactly(saved_small_policy):
+    policy = small_policy(saved_small_policy)
+    batch = make_batch(policy.tokenizer, [1.0, 0.0, 1.0, 0.0])
+    algo = prime()
+    first = algo.update(policy, batch)
+    assert first["prime/reward_mean"] == 0.0 and first["prime/accuracy"] == 0.5  # the PRM starts as the reference
+    assert first["prime/loss"] == pytest.approx(math.log(2)) and first["prime/pairwise_accuracy"] == 0.0  # all tied
+    assert algo.advantages(batch).shape == (4, max(len(c) for c in batch.completion_ids))
+
+    saved_state, saved_weights = copy.deepcopy(algo.state_dict()), copy.deepcopy(policy.model.state_dict())
+    later = [algo.update(policy, batch) for _ in range(3)]
+    assert later[-1]["prime/loss"] < first["prime/loss"] and later[-1]["prime/accuracy"] == 1.0
+
+    resumed_policy = small_policy(saved_small_policy)
+    resumed_policy.model.load_state_dict(saved_weights)
+    resumed = prime()
+    resumed.load_state_dict(saved_state, resumed_policy)
+    assert [resumed.update(resumed_policy, batch) for _ in range(3)] == later  # same metrics, float for float
+    for a, b in zip(algo.prm.parameters(), resumed.prm.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_rows_without_references_and_bad_settings_are_refused(saved_small_policy):
+    policy = small_policy(saved_small_policy)
+    with pytest.raises(UserError, match="algo=prime trains its implicit PRM on outcome labels"):
+        prime().update(policy, make_batch(policy.tokenizer, [None] * 4))
+    with pytest.raises(UserError, match="algo=prime trains its implicit PRM on outcome labels"):
+        prime().check_data([Example(id="0", prompt="1+1=?", answer=None)])
+    prime().check_data([Example(id="0", prompt="1+1=?", answer="2")])
+    with pytest.raises(UserError, match="algo.prime.norm='layer' is not one of batch_norm, none"):
+        prime(norm="layer")
+    with pytest.raises(UserError, match="leave algo.credit"):
+        Prime(AlgoContext(), credit="sum")
+
+
+def test_train_algo_prime_end_to_end(tiny_policy, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "algo=prime", "logger=none", "run.iterations=2", "run.eval_every=2",
+                     "run.eval_size=8", "run.prompts_per_iteration=4", "algo.samples_per_prompt=4",
+                     "run.threads=1", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(run_dir)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert rows[1]["prime/reward_mean"] == 0.0 and rows[2]["prime/reward_mean"] != 0.0  # the PRM was updated
+    for key in ("prime/accuracy", "prime/loss", "prime/token_reward/std", "loss", "advantage/abs_mean"):
+        assert math.isfinite(rows[2][key])
+    state = load_state(run_dir / "checkpoints" / "iter_0002" / "state.pt")
+    assert set(state["algo"]["prime"]) == {"model", "optimizer"}  # one process: no per-rank digests
+
+
+# ---- slow: SIGKILL then resume, and torchrun ------------------------------------------------------------
+TINY = ["algo=prime", "logger=none", "run.iterations=3", "run.eval_every=3", "run.eval_size=8",
+        "run.prompts_per_iteration=4", "algo.samples_per_prompt=4", "run.threads=1"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tiny_policy, tmp_path):
+    from test_resume import environment, rows, start_and_wait
+
+    def command(run_dir):
+        return [sys.executable, "-m", "rewardlab", "train", *TINY, f"hydra.run.dir={run_dir}"]
+
+    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, env=environment())
+    proc = start_and_wait(command(tmp_path / "cut"), tmp_path / "cut", "iter_0001", environment())
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert len(rows(tmp_path / "cut")) < 4
+    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={tmp_path / 'cut'}"],
+                             capture_output=True, text=True, env=environment())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_end_with_identical_policy_and_prm(tiny_policy, tmp_path: Path):
+    from rewardlab import distributed
+    from rewardlab.policy import load_policy
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rewardlab", "train", *TINY, "run.iterations=2", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and len(set(summary["rank_param_sha256"])) == 1
+    prm = load_state(run_dir / "checkpoints" / "iter_0002" / "state.pt")["algo"]["prime"]
+    first, second = prm["rank_sha256"]
+    assert first == second  # the PRM replicas trained identically
+    initial = distributed.param_digest(load_policy(device="cpu", log=lambda *_: None).model)
+    assert first != initial  # and they did train (the PRM starts as the initial policy)
+
+
+def test_train_algo_prime_on_a_data_set_without_answers_stops_with_one_line_and_exit_code_2(tiny_policy, tmp_path):
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=?"}) + "\n" for i in range(12)))
+    result = run_cli("train", "algo=prime", "dataset=jsonl", f"dataset.path={data}", "dataset.answer_field=null",
+                     "dataset.test_size=4", "dataset.prompt.chat=false", "reward=length", "logger=none",
+                     f"hydra.run.dir={tmp_path}/run")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: algo=prime trains its implicit PRM on outcome")
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
