@@ -92,7 +92,8 @@ def test_prm_trains_and_loads_through_reward_prm(tmp_path):
     from rewardlab.rewards.prm import PRMReward
 
     data = write_jsonl(tmp_path / "labels.jsonl", stepwise_rows(64))
-    result = run_cli("train-rm", f"rm.data={data}", "rm.epochs=3", "rm.lr=3e-3", "rm.step_tag=:", *FAST,
+    result = run_cli("train-rm", f"rm.data={data}", "rm.epochs=3", "rm.lr=3e-3", "rm.step_tag=:",
+                     "rm.format=token_classification", *FAST,
                      f"hydra.run.dir={tmp_path / 'run'}")
     run_dir = run_dir_of(result)
     rows = read_metrics(run_dir)
@@ -105,7 +106,7 @@ def test_prm_trains_and_loads_through_reward_prm(tmp_path):
     prompt, steps = "7+1=?\n", ["3+4=7", "#### 7?"]
     batch = make_batch([prompt], ["\n".join(steps)], ["7"])
     reward.score(batch)
-    encoded = PRMTraining(step_tag=":").encode({"prompt": prompt, "steps": steps, "labels": [True, False]},
+    encoded = PRMTraining(format="token_classification", step_tag=":").encode({"prompt": prompt, "steps": steps, "labels": [True, False]},
                                                reward.tokenizer)
     labelled = [i for i, y in enumerate(encoded["labels"]) if y != -100]
     with torch.no_grad():
@@ -151,3 +152,38 @@ def test_bad_data_one_line_exit_2_nothing_written(tmp_path, case):
     assert len(lines) == 1 and str(data) in lines[0]
     assert (f"{data}:2" in lines[0]) if case == "mismatch" else "does not exist" in lines[0]
     assert not run_dir.exists()
+
+
+def test_math_shepherd_prm_trains_the_lm_head_and_loads_through_reward_prm(tmp_path):
+    """rm.format=math_shepherd: next-token +/- at the tag from the policy's own LM head; model/ loads as a
+    math_shepherd PRM with the saved tag, and its step score is P(+) among (+, -) where training put them."""
+    from rewardlab.rewards.prm import PRMReward, math_shepherd_ids
+
+    data = write_jsonl(tmp_path / "labels.jsonl", stepwise_rows(64))
+    run_dir = run_dir_of(run_cli("train-rm", f"rm.data={data}", "rm.format=math_shepherd", "rm.epochs=8",
+                                 "rm.lr=3e-3", *FAST, f"hydra.run.dir={tmp_path / 'run'}"))
+    rows = read_metrics(run_dir)
+    assert rows[-1]["rm/eval/step_accuracy"] >= 0.9
+    reward = PRMReward(model=str(run_dir / "model"), device="cpu")
+    assert reward.format == "math_shepherd" and reward.tag == ":"
+    prompt, steps = "7+1=?\n", ["3+4=7", "#### 7?"]
+    batch = make_batch([prompt], ["\n".join(steps)], ["7"])
+    reward.score(batch)
+    training = PRMTraining(format="math_shepherd")
+    candidates = [reward.tokenizer.encode(t, add_special_tokens=False)[-1] for t in "+-"]
+    assert training.candidates(reward.tokenizer) == candidates
+    encoded = training.encode({"prompt": prompt, "steps": steps, "labels": [True, False]}, reward.tokenizer)
+    ids, positions = math_shepherd_ids(reward.tokenizer, prompt, steps, ":")
+    assert encoded["input_ids"] == ids
+    assert [encoded["labels"][p + 1] for p in positions] == candidates  # + for the right step, - for the wrong
+    with torch.no_grad():
+        logits = reward.model(input_ids=torch.tensor([ids])).logits[0, positions][:, candidates]
+    assert batch.step_rewards[0] == pytest.approx(logits.softmax(-1)[:, 0].tolist(), abs=1e-5)
+    assert batch.step_rewards[0][0] > batch.step_rewards[0][1]
+
+
+def test_prm_format_and_tag_refused_in_one_line(tiny_policy):
+    with pytest.raises(UserError, match="rm.format='orm' is not one of"):
+        PRMTraining(format="orm")
+    with pytest.raises(UserError, match="'ки' .* is not a token of"):  # the char tokenizer has no Cyrillic
+        PRMTraining(format="math_shepherd", step_tag="ки").build(tiny_policy.source, tiny_policy.tokenizer)

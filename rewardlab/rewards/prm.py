@@ -86,6 +86,16 @@ def token_classification_ids(tokenizer, question: str, steps: list[str], separat
     return ids, positions
 
 
+def math_shepherd_ids(tokenizer, question: str, steps: list[str], tag: str) -> tuple[list[int], list[int]]:
+    """Math-Shepherd's layout, as its reference code encodes it (`tokenizer.encode(f"{question} {output}")`,
+    each step followed by " <tag>\n"); returns the ids and each step's scored position (its tag's last token,
+    the last len(steps) occurrences). `rewardlab train-rm rm.format=math_shepherd` trains at these positions."""
+    ids = tokenizer.encode(question + " " + "".join(f"{step} {tag}\n" for step in steps))
+    tag_id = tokenizer.encode(tag, add_special_tokens=False)[-1]
+    positions = [i for i, t in enumerate(ids) if t == tag_id][-len(steps):] if steps else []
+    return ids, positions
+
+
 def detect_format(architectures: list[str], tokenizer) -> str:
     """The PRM format implied by the architecture (and, for token classifiers, a separator token)."""
     if any(a.endswith("ForCausalLM") for a in architectures):
@@ -180,9 +190,9 @@ class PRMReward(Reward):
         tok = self.tokenizer
         if self.format == "token_classification":
             return token_classification_ids(tok, question, steps, self.tag)
-        if self.format == "math_shepherd":  # the reference code: tokenizer.encode(f"{question} {output}")
-            text, specials = question + " " + "".join(f"{step} {self.tag}\n" for step in steps), True
-        elif tok.chat_template:
+        if self.format == "math_shepherd":
+            return math_shepherd_ids(tok, question, steps, self.tag)
+        if tok.chat_template:
             messages = [{"role": "system", "content": QWEN_SYSTEM}, {"role": "user", "content": question},
                         {"role": "assistant", "content": "".join(s + self.tag for s in steps)}]
             text, specials = tok.apply_chat_template(messages, tokenize=False), False

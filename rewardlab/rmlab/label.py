@@ -53,11 +53,11 @@ LABELS_FILE = "labels.jsonl"
 class LabelSettings:
     """`label.*`: what to label and how."""
 
-    prompts: int = 64  # the first N prompts of the data set's train split
+    prompts: int = 256  # the first N prompts of the data set's train split (1024 rows: README "The reward-model lab")
     samples_per_prompt: int = 4  # solutions sampled per prompt (one labels row each)
     rollouts: int = 8  # continuations per step prefix
     method: str = "mc"  # mc (every prefix) | binary_search (OmegaPRM: first wrong step, fewer rollouts)
-    temperature: float = 1.0  # sampling temperature of the solutions and the rollouts
+    temperature: float = 0.7  # of the solutions and the rollouts (1.0: only 34% of steps right, 0.7: 45%)
     top_p: float = 1.0
     max_new_tokens: int = 48  # budget of a solution and of a continuation (conf/label.yaml: the data set's)
     split: StepSplit = field(default_factory=StepSplit)
