@@ -28,12 +28,25 @@ _SKIP = ("rewardlab.cli", "rewardlab.conf", "rewardlab.__main__")
 _registered = False
 
 
+_declared: dict[tuple[str | None, str], type] = {}  # every real schema, re-stored by register_schemas()
+
+
+def _declare(group: str | None, name: str, node: type) -> None:
+    _declared[(group, name)] = node
+    ConfigStore.instance().store(group=group, name=name, node=node)
+
+
+def command_schema(name: str, node: type) -> None:
+    """Store a command's top-level schema (`_<command>_schema`), declared in the command's own module."""
+    _declare(None, name, node)
+
+
 def schema(group: str, name: str) -> Callable[[type], type]:
     """Class decorator: make `cls` a dataclass and store it as the schema `schema/<group>/<name>`."""
 
     def decorate(cls: type) -> type:
         cls = cls if is_dataclass(cls) else dataclass(cls)
-        ConfigStore.instance().store(group=f"schema/{group}", name=name, node=cls)
+        _declare(f"schema/{group}", name, cls)
         return cls
 
     return decorate
@@ -110,6 +123,8 @@ def register_schemas() -> None:
     for module in pkgutil.walk_packages(rewardlab.__path__, prefix="rewardlab."):
         if not module.name.startswith(_SKIP):
             importlib.import_module(module.name)
+    for (group, name), node in _declared.items():  # modules imported earlier in this process declared theirs
+        store.store(group=group, name=name, node=node)  # before any cached stand-ins replaced them
     _registered = True
     from rewardlab import schema_cache
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from rewardlab.config import command_schema
 from rewardlab.errors import UserError
 from rewardlab.io import write_text_atomic
 from rewardlab.rollout import Batch
@@ -43,7 +43,7 @@ class ScoreConfig:
     reward: Any = None
 
 
-ConfigStore.instance().store(name="_score_schema", node=ScoreConfig)
+command_schema("_score_schema", ScoreConfig)
 
 
 class LazyPolicy:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rewardlab.config import command_schema
 from rewardlab.errors import UserError
 from rewardlab.io import write_json_atomic, write_text_atomic
 
@@ -47,7 +47,7 @@ class BenchRMConfig:
     bench: Any = None
 
 
-ConfigStore.instance().store(name="_bench_rm_schema", node=BenchRMConfig)
+command_schema("_bench_rm_schema", BenchRMConfig)
 
 
 def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from rewardlab.answers import check
+from rewardlab.config import command_schema
 from rewardlab.data.base import Example
 from rewardlab.errors import UserError
 from rewardlab.generation.hf import Sampling
@@ -80,7 +80,7 @@ class LabelConfig:
     generation: Any = None
 
 
-ConfigStore.instance().store(name="_label_schema", node=LabelConfig)
+command_schema("_label_schema", LabelConfig)
 
 
 def prompt_seed(seed: int, index: int) -> int:

@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from rewardlab.config import schema
+from rewardlab.config import command_schema, schema
 from rewardlab.errors import UserError
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.rewards.orm import orm_text
@@ -66,7 +65,7 @@ class TrainRMConfig:
     logger: Any = None
 
 
-ConfigStore.instance().store(name="_train_rm_schema", node=TrainRMConfig)
+command_schema("_train_rm_schema", TrainRMConfig)
 
 
 PRM_FORMATS = {"token_classification": "\n", "math_shepherd": ":"}  # and each one's default step tag
