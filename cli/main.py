@@ -16,6 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="Reward-driven LLM post-training: generate, score, filter and fine-tune in iterations.")
 
 HYDRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+HYDRA_MODES = {"-m": "multirun", "--multirun": "multirun", "-c": "cfg", "--cfg": "cfg", "-i": "info",
+               "--info": "info", "-r": "run", "--run": "run", "-sc": "completion", "--shell-completion": "completion"}
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -54,6 +56,10 @@ def _hydra(config_name: str, args: list[str], task: Callable,
     from rewardlab.cli.overrides import validate
     from rewardlab.config import register_cached_schemas, register_schemas
 
+    modes = [flag for flag in args if flag in HYDRA_MODES]
+    if len({HYDRA_MODES[flag] for flag in modes}) > 1:
+        fail(f"{' and '.join(modes)} cannot be combined: Hydra does one of run, multirun, --cfg, --info at a time "
+             f"(--cfg job shows one job's config: drop -m)")
     if not register_cached_schemas():  # checking the overrides needs no torch when the schema cache is fresh
         register_schemas()
     with user_errors():

@@ -59,13 +59,16 @@ def evaluate(generator, examples: Sequence[Example], answer_format: str = "auto"
 def _evaluate(generator, examples: Sequence[Example], answer_format: str, pass_k: Sequence[int],
               samples: int) -> dict[str, float]:
     greedy = generator.generate(examples, n=1, greedy=True)
-    correct = check(greedy.completion, greedy.reference, answer_format)
+    correct = [c for c in check(greedy.completion, greedy.reference, answer_format) if c is not None]
     metrics = {
-        "eval/accuracy": sum(correct) / len(correct),
         "eval/length": sum(map(len, greedy.completion_ids)) / len(greedy),
         "eval/truncated": sum(f == "length" for f in greedy.finish_reason) / len(greedy),
     }
-    if pass_k:
+    if len(correct) < len(greedy):
+        metrics["eval/with_reference"] = float(len(correct))
+    if correct:  # accuracy over the problems that have a reference answer; none (a label-free set): no accuracy
+        metrics["eval/accuracy"] = sum(correct) / len(correct)
+    if pass_k and correct:
         n = samples or max(pass_k)
         sampled = generator.generate(examples, n=n)
         ok = check(sampled.completion, sampled.reference, answer_format)
@@ -73,6 +76,8 @@ def _evaluate(generator, examples: Sequence[Example], answer_format: str, pass_k
         for k in pass_k:
             per_prompt, majority = [], []
             for ex, rows in zip(examples, sampled.groups().values()):
+                if ex.answer is None:
+                    continue
                 per_prompt.append(pass_at_k(n, int(sum(ok[i] for i in rows)), k))
                 majority.append(majority_correct([answers[i] for i in rows[:k]], ex.answer))
             metrics[f"eval/pass@{k}"] = sum(per_prompt) / len(per_prompt)

@@ -110,3 +110,13 @@ def test_a_reward_model_of_unknown_format_stops_with_one_line_and_exit_code_2(ti
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot tell the PRM format")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_two_hydra_modes_at_once_are_one_line_and_exit_code_2():
+    """`-m` with `--cfg` is refused by Hydra with a traceback; rewardlab says which flags clash, before any work."""
+    result = run_cli("train", "-m", "algo.lr=1e-4,1e-3", "--cfg", "job")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: -m and --cfg cannot be combined: Hydra does one of run, multirun, --cfg, --info at a time "
+        "(--cfg job shows one job's config: drop -m)"]
+    assert "Traceback" not in result.stderr + result.stdout

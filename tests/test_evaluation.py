@@ -41,6 +41,18 @@ def test_maj_at_k_clusters_equivalent_answers():
     assert out["eval/pass@1"] == pytest.approx(3 / 5) and out["eval/pass@5"] == 1.0  # unbiased over all 5
 
 
+def test_accuracy_counts_only_problems_with_a_reference():
+    """A test split with unanswered problems (label-free data) gives accuracy over the answered ones, says how
+    many those were, and no accuracy at all when there are none, instead of failing or counting them wrong."""
+    gen = ScriptedGenerator(["\\boxed{2}", "\\boxed{3}"], greedy="\\boxed{2}")
+    mixed = [Example("a", "a", answer="2"), Example("b", "b", answer=None), Example("c", "c", answer="3")]
+    out = evaluate(gen, mixed, pass_k=[2])
+    assert out["eval/accuracy"] == 0.5 and out["eval/with_reference"] == 2.0
+    assert out["eval/pass@2"] == 1.0  # over the two answered problems only
+    none = evaluate(gen, [Example("b", "b", answer=None)], pass_k=[2])
+    assert "eval/accuracy" not in none and none["eval/with_reference"] == 0.0 and "eval/pass@2" not in none
+
+
 def test_evaluation_sampling_has_its_own_seeded_random_state():
     examples = [Example("q", "q", answer="1")]
     torch.manual_seed(0)
