@@ -154,32 +154,45 @@ def test_bad_data_one_line_exit_2_nothing_written(tmp_path, case):
     assert not run_dir.exists()
 
 
-def test_math_shepherd_prm_trains_the_lm_head_and_loads_through_reward_prm(tmp_path):
-    """rm.format=math_shepherd: next-token +/- at the tag from the policy's own LM head; model/ loads as a
-    math_shepherd PRM with the saved tag, and its step score is P(+) among (+, -) where training put them."""
-    from rewardlab.rewards.prm import PRMReward, math_shepherd_ids
+@pytest.mark.parametrize("fmt", ["next_token", "math_shepherd"])
+def test_lm_head_prm_trains_and_scores_at_inference_what_training_predicts(tmp_path, fmt):
+    """rm.format=next_token (the default) / math_shepherd: next-token +/- from the policy's own LM head, at the
+    separator of the text as the policy writes it / at Math-Shepherd's tag. model/ loads through reward=prm with
+    the saved format and tag; its step scores equal, on the same rows, the predictions train-rm's held-out
+    metrics were computed from (no off-by-one between training and scoring), and the labels sit exactly at the
+    scored positions."""
+    from rewardlab.rewards.prm import PRMReward
 
     data = write_jsonl(tmp_path / "labels.jsonl", stepwise_rows(64))
-    run_dir = run_dir_of(run_cli("train-rm", f"rm.data={data}", "rm.format=math_shepherd", "rm.epochs=8",
+    run_dir = run_dir_of(run_cli("train-rm", f"rm.data={data}", f"rm.format={fmt}", "rm.epochs=8",
                                  "rm.lr=3e-3", *FAST, f"hydra.run.dir={tmp_path / 'run'}"))
     rows = read_metrics(run_dir)
     assert rows[-1]["rm/eval/step_accuracy"] >= 0.9
     reward = PRMReward(model=str(run_dir / "model"), device="cpu")
-    assert reward.format == "math_shepherd" and reward.tag == ":"
-    prompt, steps = "7+1=?\n", ["3+4=7", "#### 7?"]
-    batch = make_batch([prompt], ["\n".join(steps)], ["7"])
-    reward.score(batch)
-    training = PRMTraining(format="math_shepherd")
+    tag = {"next_token": "\n", "math_shepherd": ":"}[fmt]
+    assert reward.format == fmt and reward.tag == tag
+    training = PRMTraining(format=fmt)
     candidates = [reward.tokenizer.encode(t, add_special_tokens=False)[-1] for t in "+-"]
     assert training.candidates(reward.tokenizer) == candidates
-    encoded = training.encode({"prompt": prompt, "steps": steps, "labels": [True, False]}, reward.tokenizer)
-    ids, positions = math_shepherd_ids(reward.tokenizer, prompt, steps, ":")
-    assert encoded["input_ids"] == ids
-    assert [encoded["labels"][p + 1] for p in positions] == candidates  # + for the right step, - for the wrong
-    with torch.no_grad():
-        logits = reward.model(input_ids=torch.tensor([ids])).logits[0, positions][:, candidates]
-    assert batch.step_rewards[0] == pytest.approx(logits.softmax(-1)[:, 0].tolist(), abs=1e-5)
-    assert batch.step_rewards[0][0] > batch.step_rewards[0][1]
+
+    held = [{"prompt": r["prompt"], "steps": r["completions"], "labels": r["labels"]} for r in stepwise_rows(80)[64:]]
+    predicted = training.probabilities(reward.model, reward.tokenizer, held)
+    batch = make_batch([r["prompt"] for r in held], ["\n".join(r["steps"]) for r in held], ["0"] * len(held))
+    reward.score(batch)
+    assert [len(s) for s in batch.step_rewards] == [len(r["steps"]) for r in held]
+    for scored, trained in zip(batch.step_rewards, predicted):
+        assert scored == pytest.approx(trained, abs=1e-5)
+    right = [p for s, r in zip(batch.step_rewards, held) for p, y in zip(s, r["labels"]) if y]
+    wrong = [p for s, r in zip(batch.step_rewards, held) for p, y in zip(s, r["labels"]) if not y]
+    assert min(right) > max(wrong)  # the learned rule, read where it was trained
+
+    encoded = training.encode({**held[0], "labels": [True, False]}, reward.tokenizer)
+    ids, positions = training.ids(reward.tokenizer, held[0])
+    assert encoded["input_ids"] == ids and len(positions) == 2
+    assert [i for i, y in enumerate(encoded["labels"]) if y != -100] == positions  # trained where it is scored
+    assert [encoded["labels"][p] for p in positions] == [1, 0]
+    if fmt == "next_token":  # the policy's own text: question, then each step and a newline
+        assert reward.tokenizer.decode(ids) == held[0]["prompt"] + "".join(s + "\n" for s in held[0]["steps"])
 
 
 def test_prm_format_and_tag_refused_in_one_line(tiny_policy):

@@ -10,7 +10,13 @@ raw question (never the policy's rendered prompt) in its authors' layout:
 - `token_classification`: TRL's PRM data format (PRMTrainer.tokenize_row): BOS (when the tokenizer has
   one), the question, then each step followed by the step separator (`step_tag`, default "\n"); the
   score is read where TRL puts the label, the separator's last token (sigmoid of one logit, or P(class 1)).
-- `auto`: chosen from the model's architecture and tokenizer.
+- `next_token`: a causal LM read as `math_shepherd` is (P(good) among the (good, bad) candidate tokens), but
+  over TRL's layout above: the text exactly as the policy writes it (question, each step and its separator),
+  the score read at the separator's last token. `rewardlab train-rm` trains it by default and saves the
+  format in the model's config (`prm_format`), so `auto` picks it: the backbone reads its own format, where
+  its arithmetic is (the Math-Shepherd layout's inserted " :" tags cost F1 on arith: README "The reward-model lab").
+- `auto`: the format saved in the model's config by `rewardlab train-rm`, else chosen from the architecture
+  and tokenizer.
 `scale=signed` maps each step probability p to 2p - 1 (PURE's positive-minus-negative score, the scale
 its min-form temperature is set on); `algo=pure` selects it by default through `algo.prm_scale`.
 With no model named, the tiny learned arith PRM is built once and cached (rewards/tiny_prm.py).
@@ -31,8 +37,9 @@ from rewardlab.rewards.tiny_prm import TinyPRMBuild, ensure_tiny_prm
 from rewardlab.rollout import Batch
 from rewardlab.steps import StepSplit, aggregate_steps
 
-FORMATS = ("math_shepherd", "qwen_prm", "token_classification")
-DEFAULT_TAGS = {"math_shepherd": "ки", "qwen_prm": "<extra_0>", "token_classification": "\n"}
+FORMATS = ("math_shepherd", "qwen_prm", "token_classification", "next_token")
+LM_FORMATS = ("math_shepherd", "next_token")  # scored by the LM head's (good, bad) next-token candidates
+DEFAULT_TAGS = {"math_shepherd": "ки", "qwen_prm": "<extra_0>", "token_classification": "\n", "next_token": "\n"}
 SCALES = ("prob", "signed")
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -46,7 +53,7 @@ class PRMConfig:
     _target_: str = "rewardlab.rewards.prm.PRMReward"
     name: str = "prm"
     model: Optional[str] = None  # local directory or hub id; none: the tiny learned arith PRM
-    format: str = "auto"  # auto | math_shepherd | qwen_prm | token_classification
+    format: str = "auto"  # auto | math_shepherd | qwen_prm | token_classification | next_token
     aggregate: str = "min"  # min | last | prod | mean
     scale: str = "${oc.select:algo.prm_scale,prob}"  # prob (p) | signed (2p - 1, PURE); default: the algo's
     step_tag: Optional[str] = None  # none: the model config's step_separator, else ки / <extra_0> / \n by format
@@ -60,15 +67,14 @@ class PRMConfig:
     tiny: TinyPRMBuild = field(default_factory=TinyPRMBuild)
 
 
-def _architectures(source: str, trust_remote_code: bool) -> list[str]:
+def _config(source: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"reward.model={source} cannot be loaded ({str(exc).splitlines()[0]}); "
                         f"give a local model directory or a hub id") from exc
-    return list(getattr(config, "architectures", None) or [])
 
 
 def token_classification_ids(tokenizer, question: str, steps: list[str], separator: str
@@ -96,8 +102,11 @@ def math_shepherd_ids(tokenizer, question: str, steps: list[str], tag: str) -> t
     return ids, positions
 
 
-def detect_format(architectures: list[str], tokenizer) -> str:
-    """The PRM format implied by the architecture (and, for token classifiers, a separator token)."""
+def detect_format(architectures: list[str], tokenizer, saved: str | None = None) -> str:
+    """The format `rewardlab train-rm` saved in the model's config (`saved`), else the one implied by the
+    architecture (and, for token classifiers, a separator token)."""
+    if saved in FORMATS:
+        return saved
     if any(a.endswith("ForCausalLM") for a in architectures):
         return "math_shepherd"
     if any("ProcessRewardModel" in a for a in architectures):
@@ -140,16 +149,18 @@ class PRMReward(Reward):
             build = tiny if isinstance(tiny, TinyPRMBuild) else TinyPRMBuild(**(tiny or {}))
             model = str(ensure_tiny_prm(build))
         self.source = model
-        architectures = _architectures(model, trust_remote_code)
+        config = _config(model, trust_remote_code)
+        architectures = list(getattr(config, "architectures", None) or [])
         self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.format = detect_format(architectures, self.tokenizer) if format == "auto" else format
+        self.format = (detect_format(architectures, self.tokenizer, getattr(config, "prm_format", None))
+                       if format == "auto" else format)
         self.device = resolve_device(device)
         self.model = self._load(model, architectures, _DTYPES[dtype], trust_remote_code).to(self.device).eval()
         saved_tag = getattr(self.model.config, "step_separator", None)  # written by `rewardlab train-rm`
         self.tag = step_tag if step_tag is not None else saved_tag or DEFAULT_TAGS[self.format]
         self.tag_id = self._token_id(self.tag, "step_tag")
         self.head = None
-        if self.format == "math_shepherd":
+        if self.format in LM_FORMATS:
             self.candidates = [self._token_id(good_token, "good_token"), self._token_id(bad_token, "bad_token")]
             self.head = self._plain_head()
 
@@ -176,7 +187,7 @@ class PRMReward(Reward):
     def _load(self, source: str, architectures: list[str], dtype: torch.dtype, trust_remote_code: bool):
         from transformers import AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
 
-        if self.format == "math_shepherd":
+        if self.format in LM_FORMATS:
             loader = AutoModelForCausalLM
         elif self.format == "qwen_prm" and not any(a.endswith("ForTokenClassification") for a in architectures):
             loader = AutoModel  # Qwen2.5-Math-PRM ships its own head class (trust_remote_code)
@@ -188,7 +199,7 @@ class PRMReward(Reward):
     def _encode(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         """The PRM's input for a raw question and its steps, and the token index where each step is scored."""
         tok = self.tokenizer
-        if self.format == "token_classification":
+        if self.format in ("token_classification", "next_token"):
             return token_classification_ids(tok, question, steps, self.tag)
         if self.format == "math_shepherd":
             return math_shepherd_ids(tok, question, steps, self.tag)
@@ -206,7 +217,7 @@ class PRMReward(Reward):
         """(positions, classes) logits -> (positions,) step scores in [0, 1]; for math_shepherd the classes
         are the (good, bad) candidate tokens."""
         logits = logits.float()
-        if self.format == "math_shepherd":
+        if self.format in LM_FORMATS:
             return logits.softmax(-1)[:, 0]
         if logits.shape[-1] == 1:
             return logits[:, 0].sigmoid()
@@ -237,11 +248,11 @@ class PRMReward(Reward):
 
     def _logits_at(self, ids: torch.Tensor, mask: torch.Tensor, which: torch.Tensor, where: torch.Tensor
                    ) -> torch.Tensor:
-        """(positions, classes) logits at (row `which`, token `where`); for math_shepherd only the (good, bad)
-        candidates' columns. A math_shepherd causal LM's vocabulary head is applied only there and only to
+        """(positions, classes) logits at (row `which`, token `where`); for an LM format only the (good, bad)
+        candidates' columns. A causal LM's vocabulary head is applied only there and only to
         those two rows, not to every token x the whole vocabulary (for a 150k-vocabulary PRM that is most of
         a full forward's memory)."""
-        if self.format == "math_shepherd" and self.head is not None:
+        if self.format in LM_FORMATS and self.head is not None:
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             picked = hidden[which.to(hidden.device), where.to(hidden.device)]
             bias = None if self.head.bias is None else self.head.bias[self.candidates]
@@ -249,7 +260,7 @@ class PRMReward(Reward):
         result = self.model(input_ids=ids, attention_mask=mask)
         logits = result.logits if hasattr(result, "logits") else result[0]
         logits = logits[which.to(logits.device), where.to(logits.device)]
-        return logits[:, self.candidates] if self.format == "math_shepherd" else logits
+        return logits[:, self.candidates] if self.format in LM_FORMATS else logits
 
     def compute(self, batch: Batch) -> list[float]:
         steps = [[s for s, _ in self.split.split(text)] for text in batch.completion]

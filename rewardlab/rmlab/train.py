@@ -3,15 +3,18 @@ backbone and write `<run dir>/model/`, which `reward=prm reward.model=<dir>` / `
 load as is.
 
 - PRM: TRL's stepwise-supervision rows (`prompt`, `completions` = the steps, `labels` = one bool per step;
-  `rewardlab label` writes them to `<run dir>/labels.jsonl`), trained as token classification with the label
-  at each step separator's last token and -100 elsewhere: TRL's PRM layout, built by the same function
-  `reward=prm` scores with (rewards/prm.py `token_classification_ids`), so training and scoring read the
-  same position. TRL 1.16 has no PRMTrainer (it left the main package and is not in `trl.experimental`
-  here), so transformers' `Trainer` runs it; the separator is saved in the model's config
-  (`step_separator`), where `reward=prm` reads it back. `rm.format=math_shepherd` instead trains the policy's
-  own causal LM to predict `+` / `-` as the token after each step's tag (Math-Shepherd's PRM form, encoded by
-  rewards/prm.py `math_shepherd_ids`, the layout `reward=prm` reads), so the pretrained head is reused
-  rather than a new 2-class head learned from scratch; the tag must be one of the tokenizer's own tokens.
+  `rewardlab label` writes them to `<run dir>/labels.jsonl`), each step's label at its separator's last
+  token and -100 elsewhere: TRL's PRM layout, built by the same function `reward=prm` scores with
+  (rewards/prm.py `token_classification_ids`), so training and scoring read the same position. The default
+  `rm.format=next_token` trains the policy's own causal LM to predict `+` / `-` as the next token there, over
+  the text exactly as the policy writes it (question, steps, newlines), so both the backbone's features and
+  its head are reused; `token_classification` puts a new 2-class head there instead; `math_shepherd` predicts
+  `+` / `-` after a tag inserted after each step (Math-Shepherd's layout, rewards/prm.py `math_shepherd_ids`;
+  the tag must be one of the tokenizer's own tokens). On the arith labels the inserted tags cost held-out
+  and test F1 against next_token (README "The reward-model lab"): the character model reads its own layout
+  best. TRL 1.16 has no PRMTrainer (it left the main package and is not in `trl.experimental` here), so
+  transformers' `Trainer` runs it; the format and separator are saved in the model's config (`prm_format`,
+  `step_separator`), where `reward=prm` reads them back.
 - ORM: TRL's preference rows (`prompt`, `chosen`, `rejected`), or a `rewardlab train` run directory whose
   rollouts pair a correct with an incorrect completion of the same prompt (the `gold` column), through TRL's
   `RewardTrainer` on pre-tokenized pairs: each text is what `reward=orm` reads (rewards/orm.py `orm_text`,
@@ -41,7 +44,7 @@ from rewardlab.config import command_schema, schema
 from rewardlab.errors import UserError
 from rewardlab.io import write_json_atomic, write_text_atomic
 from rewardlab.rewards.orm import orm_text
-from rewardlab.rewards.prm import math_shepherd_ids, token_classification_ids
+from rewardlab.rewards.prm import LM_FORMATS, math_shepherd_ids, token_classification_ids
 from rewardlab.rmlab.bench_process import first_error, processbench_f1
 from rewardlab.rmlab.rm_data import read_preferences, read_stepwise, split_by_prompt
 
@@ -68,7 +71,7 @@ class TrainRMConfig:
 command_schema("_train_rm_schema", TrainRMConfig)
 
 
-PRM_FORMATS = {"token_classification": "\n", "math_shepherd": ":"}  # and each one's default step tag
+PRM_FORMATS = {"next_token": "\n", "token_classification": "\n", "math_shepherd": ":"}  # and each default tag
 
 
 @schema("rm", "prm")
@@ -77,14 +80,14 @@ class PRMTrainConfig:
     _target_: str = "rewardlab.rmlab.train.PRMTraining"
     data: Optional[str] = None  # a stepwise JSONL file, or a `rewardlab label` run directory (its labels.jsonl)
     eval_fraction: float = 0.1  # prompts held out for the per-epoch accuracy
-    epochs: int = 6  # math_shepherd on 1024 MC-labelled rows: held-out F1 0.20 -> 0.63 in 6 epochs (noisy per epoch)
+    epochs: int = 6
     lr: float = 1e-3
     batch_size: int = 32
     max_length: int = 1024  # tokens per row; longer rows are cut (their last steps go unlabelled), as TRL does
-    format: str = "math_shepherd"  # math_shepherd (the policy's LM head) | token_classification (a new 2-class
-    # head). On 1024 MC-labelled arith rows, test ProcessBench F1 0.46 vs 0.22 (README "The reward-model lab")
+    format: str = "next_token"  # next_token (the policy's LM head at each step's newline) | math_shepherd (the
+    # LM head at an inserted tag) | token_classification (a new 2-class head); README "The reward-model lab"
     step_tag: Optional[str] = None  # after each step, saved in the model's config; none: \n, math_shepherd ":"
-    good_token: str = "+"  # math_shepherd: the next token trained at the tag for a right step
+    good_token: str = "+"  # next_token / math_shepherd: the next token trained for a right step
     bad_token: str = "-"  # ... and for a wrong one
     threshold: float = 0.5  # held-out metrics: a step scored below it counts as wrong
 
@@ -144,12 +147,12 @@ class PRMTraining:
         return row["prompt"]
 
     def candidates(self, tokenizer) -> list[int]:
-        """math_shepherd: the (good, bad) token ids, as reward=prm picks them (each text's last token)."""
+        """The LM formats' (good, bad) token ids, as reward=prm picks them (each text's last token)."""
         return [tokenizer.encode(t, add_special_tokens=False)[-1] for t in (self.cfg.good_token, self.cfg.bad_token)]
 
     def ids(self, tokenizer, row: dict) -> tuple[list[int], list[int]]:
         """The ids `reward=prm` reads for this format and each step's scored position."""
-        layout = math_shepherd_ids if self.cfg.format == "math_shepherd" else token_classification_ids
+        layout = math_shepherd_ids if self.cfg.format == "math_shepherd" else token_classification_ids  # next_token too
         return layout(tokenizer, row["prompt"], row["steps"], self.tag)
 
     def read(self, seed: int) -> list[dict]:
@@ -158,7 +161,7 @@ class PRMTraining:
     def build(self, source: str, tokenizer):
         from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-        if self.cfg.format == "math_shepherd":
+        if self.cfg.format in LM_FORMATS:
             model = AutoModelForCausalLM.from_pretrained(source)
             for token in (self.tag, self.cfg.good_token, self.cfg.bad_token):
                 ids = tokenizer.encode(token, add_special_tokens=False)
@@ -167,23 +170,33 @@ class PRMTraining:
                                     f"tokenizer; choose one of its own tokens")
         else:
             model = AutoModelForTokenClassification.from_pretrained(source, num_labels=2)
-        model.config.step_separator = self.tag  # read back by reward=prm
+        model.config.step_separator = self.tag  # read back by reward=prm, with the format
+        model.config.prm_format = self.cfg.format
         model.config.pad_token_id = _pad_id(tokenizer)
         return model
 
     def encode(self, row: dict, tokenizer) -> dict[str, list[int]]:
-        """TRL's PRM layout: the step's label at its separator's last token, -100 elsewhere. math_shepherd: the
-        next token after the tag is the good or bad token (the causal LM's labels are shifted by the model)."""
+        """TRL's PRM layout: each step's label (1 right, 0 wrong) at its scored position, -100 elsewhere. The
+        LM formats read the label there too, unshifted, through `lm_loss`."""
         ids, positions = self.ids(tokenizer, row)
         labels = [-100] * len(ids)
-        if self.cfg.format == "math_shepherd":
-            good, bad = self.candidates(tokenizer)
-            for position, label in zip(positions, row["labels"]):
-                labels[position + 1] = good if label else bad
-        else:
-            for position, label in zip(positions, row["labels"]):
-                labels[position] = int(label)
+        for position, label in zip(positions, row["labels"]):
+            labels[position] = int(label)
         return {"input_ids": ids[: self.cfg.max_length], "labels": labels[: self.cfg.max_length]}
+
+    def lm_loss(self, tokenizer):
+        """The LM formats' loss: at each labelled position, cross-entropy of the next-token logits against the
+        good or bad token (the label is read where `reward=prm` reads the score, no shift). Over the whole
+        vocabulary, as Math-Shepherd trains (a two-candidate loss on the soft MC labels did worse on the arith
+        labels: README "The reward-model lab")."""
+        candidates = torch.tensor(self.candidates(tokenizer))
+
+        def loss(outputs, labels, num_items_in_batch=None):
+            where = labels != -100
+            target = candidates.to(labels.device)[1 - labels[where]]  # label 1: the good token (index 0)
+            return torch.nn.functional.cross_entropy(outputs.logits[where].float(), target)
+
+        return loss
 
     def trainer(self, model, tokenizer, rows: list[dict], settings: dict):
         from datasets import Dataset
@@ -191,11 +204,19 @@ class PRMTraining:
 
         encoded = [self.encode(r, tokenizer) for r in rows]
         data = Dataset.from_dict({k: [e[k] for e in encoded] for k in ("input_ids", "labels")})
+        loss = self.lm_loss(tokenizer) if self.cfg.format in LM_FORMATS else None
         return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=data,
-                       data_collator=DataCollatorForTokenClassification(tokenizer), processing_class=tokenizer)
+                       data_collator=DataCollatorForTokenClassification(tokenizer), processing_class=tokenizer,
+                       compute_loss_func=loss)
+
+    def evaluate(self, model, tokenizer, rows: list[dict]) -> dict[str, float]:
+        return process_metrics(self.probabilities(model, tokenizer, rows), [r["labels"] for r in rows],
+                               self.cfg.threshold)
 
     @torch.inference_mode()
-    def evaluate(self, model, tokenizer, rows: list[dict]) -> dict[str, float]:
+    def probabilities(self, model, tokenizer, rows: list[dict]) -> list[list[float]]:
+        """Each row's step probabilities as training reads them (the same ids and positions `reward=prm`
+        scores, a test checks the two agree)."""
         device = next(model.parameters()).device
         encoded = [self.ids(tokenizer, r) for r in rows]
         probabilities: list[list[float]] = []
@@ -203,12 +224,12 @@ class PRMTraining:
             chunk = encoded[start : start + self.cfg.batch_size]
             ids, mask = _padded([i for i, _ in chunk], _pad_id(tokenizer), device)
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            if self.cfg.format == "math_shepherd":
+            if self.cfg.format in LM_FORMATS:
                 probs = logits[..., self.candidates(tokenizer)].softmax(-1)[..., 0]
             else:
                 probs = logits.softmax(-1)[..., 1]
             probabilities.extend(probs[r, positions].tolist() for r, (_, positions) in enumerate(chunk))
-        return process_metrics(probabilities, [r["labels"] for r in rows], self.cfg.threshold)
+        return probabilities
 
 
 class ORMTraining:
