@@ -82,7 +82,8 @@ class ValueModel(torch.nn.Module):
         from), as verl reads its critic at [-width - 1 : -1]."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state
-        return self.head(hidden[:, -width - 1 : -1].float()).squeeze(-1)
+        # a copy, not a view of the head's output: FSDP's hooks on the returned tensor must not see a view
+        return self.head(hidden[:, -width - 1 : -1].float()).squeeze(-1).clone()
 
 
 def hidden_size(config: Any, where: str) -> int:
