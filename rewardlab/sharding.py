@@ -24,6 +24,8 @@ What a loop that owns its own generation needs beside that, for both:
   ZeRO-3, rank 0 gathers the weights for `policy/`; it resumes with the same stage and processes.
 Generation needs the whole model on each rank for a moment; what sharding saves is the training state
 (gradients, optimizer moments, and under FULL_SHARD / ZeRO-3 the parameters between uses).
+A model trained beside the policy (PPO's critic, PRIME's implicit PRM) goes through the same functions:
+`FSDP.shard` with the policy's settings, or a `DeepSpeed` object of its own (algos/auxiliary.py).
 """
 from __future__ import annotations
 

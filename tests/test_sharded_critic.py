@@ -40,15 +40,23 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def initial_digests() -> dict[str, str]:
-    """The critic's and the PRM's weights before training (the PRM starts as the policy)."""
+def untrained_digests() -> dict[str, set[str]]:
+    """Per model, digests a trained and gathered one must differ from: its weights before training (the PRM
+    starts as the policy), and its parameter names alone (what ZeRO-3's empty local partitions would give)."""
+    import hashlib
+
     from rewardlab.algos.critic import CriticConfig, load_value_model
     from rewardlab.distributed import param_digest
     from rewardlab.policy import load_policy
 
     policy = load_policy(device="cpu", log=lambda *_: None)
-    return {"critic": param_digest(load_value_model(CriticConfig(), policy, seed=0)),
-            "prm": param_digest(policy.model)}
+    out = {}
+    for name, model in (("critic", load_value_model(CriticConfig(), policy, seed=0)), ("prm", policy.model)):
+        hollow = hashlib.sha256()
+        for key, _ in sorted(model.named_parameters(), key=lambda item: item[0]):
+            hollow.update(key.encode())
+        out[name] = {param_digest(model), hollow.hexdigest()}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +81,7 @@ def test_ranks_end_with_the_same_trained_weights_and_checkpoint_like_the_policy(
     assert len(set(seen["rank_param_sha256"])) == 1
     digests = seen[f"rank_{name}_param_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]  # gathered whole: the same on both ranks
-    assert digests[0] != initial_digests()[name]  # and it trained
+    assert digests[0] not in untrained_digests()[name]  # trained, and hashed whole
     last = rows(run_dir)[-1]
     assert "update/skipped" not in last and "loss" in last
     assert ("critic/value_loss" if name == "critic" else "prime/loss") in last
