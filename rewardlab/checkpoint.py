@@ -13,6 +13,9 @@ Layout under the run directory:
                                     written by that rank with torch.distributed.checkpoint and
                                     resharded on loading (sharded_checkpoint.py); `final/` gets the
                                     whole weights, gathered once when the run ends
+    checkpoints/iter_0003/critic_sharded/, prime_sharded/ (FSDP), critic_deepspeed/, prime_deepspeed/
+                                    (DeepSpeed): a model trained beside the policy, written the
+                                    way the policy is under that launch (algos/auxiliary.py)
     checkpoints/latest              a symlink to the newest complete checkpoint's `policy/` (so
                                     `from_pretrained("<run dir>/checkpoints/latest")` loads it, except
                                     under FSDP: `rewardlab export` reads sharded/ whole), written last
@@ -93,6 +96,22 @@ def check_deepspeed_files(folder: Path) -> None:
         if unknown:
             raise UserError(f"{path} holds pickled objects that could run code ({', '.join(sorted(unknown))}); "
                             f"rewardlab will not hand it to DeepSpeed")
+
+
+def locate_files(state: Any, checkpoint: Path) -> None:
+    """Make the folders an algorithm's state names beside state.pt absolute, in place: `dcp` (tensors written
+    with torch.distributed.checkpoint: the policy's optimizer in sharded/, a critic's or PRM's shards) and
+    `deepspeed` (DeepSpeed's files, checked before DeepSpeed unpickles them), at any depth of the state."""
+    if isinstance(state, dict):
+        for key in ("dcp", "deepspeed"):
+            if isinstance(state.get(key), str):
+                state[key] = str(Path(checkpoint) / state[key])
+                if key == "deepspeed":
+                    check_deepspeed_files(Path(state[key]))
+                else:
+                    sharded_checkpoint.check_files(Path(state[key]))
+        for value in state.values():
+            locate_files(value, checkpoint)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -267,6 +286,8 @@ class Checkpointer:
             sharded_checkpoint.save(tmp / sharded_checkpoint.FOLDER, policy.model, getattr(algo, "optimizer", None))
         elif deepspeed:
             sharded.save(tmp / "deepspeed")
+        if hasattr(algo, "save_files"):  # models trained beside the policy (critic, PRM): their shards, if sharded
+            algo.save_files(tmp)
         if not self.dist.is_main:
             return final
         try:
@@ -347,12 +368,7 @@ class Checkpointer:
             with _no_progress_bars():
                 load_weights(policy, path / "policy")
         algo_state = state["algo"]
-        saved_optimizer = algo_state.get("optimizer") if isinstance(algo_state, dict) else None
-        if isinstance(saved_optimizer, dict) and "dcp" in saved_optimizer:  # its tensors are in sharded/
-            saved_optimizer["dcp"] = str(path / saved_optimizer["dcp"])
-        if isinstance(saved_optimizer, dict) and "deepspeed" in saved_optimizer:  # files beside state.pt
-            saved_optimizer["deepspeed"] = str(path / saved_optimizer["deepspeed"])
-            check_deepspeed_files(Path(saved_optimizer["deepspeed"]))
+        locate_files(algo_state, path)
         algo.load_state_dict(algo_state, policy)
         sampler.load_state_dict(state["sampler"])
         if len(state["rng"]) == self.dist.world_size:

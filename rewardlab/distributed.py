@@ -222,14 +222,26 @@ def gather_to_main(dist: Dist, obj: T) -> list[T] | None:
 
 def param_digest(model: torch.nn.Module) -> str:
     """sha256 of every parameter's bytes in name order: equal digests mean equal weights. A sharded
-    (FSDP) parameter is gathered whole first, so every rank must call it."""
+    parameter (FSDP, or ZeRO-3 outside a gathered block) is gathered whole first, so every rank must call it."""
     digest = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
-        whole = p.full_tensor() if hasattr(p, "full_tensor") else p
-        digest.update(name.encode())
-        # a copy: numpy() marks the storage it shares as not resizable, and FSDP frees gathered weights
-        digest.update(whole.detach().to("cpu", copy=True).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    named = sorted(model.named_parameters(), key=lambda item: item[0])
+    partitioned = [p for _, p in named if getattr(getattr(p, "ds_status", None), "name", "") == "NOT_AVAILABLE"]
+    with _gathered(partitioned):
+        for name, p in named:
+            whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+            digest.update(name.encode())
+            # a copy: numpy() marks the storage it shares as not resizable, and FSDP frees gathered weights
+            digest.update(whole.detach().to("cpu", copy=True).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """DeepSpeed ZeRO-3 parameters gathered whole for the block (read only); nothing for other parameters."""
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def run_dir_overrides(args: list[str]) -> list[str]:

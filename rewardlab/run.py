@@ -280,7 +280,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
         if dist.active:
             with policy.full_weights():  # ZeRO-3 / FSDP: every rank sees the whole weights
                 extra["rank_param_sha256"] = distributed.gather_to_main(dist, distributed.param_digest(policy.model))
-            for name, model in getattr(algo, "trained_models", dict)().items():  # PPO's critic: whole on every rank
+            for name, model in getattr(algo, "trained_models", dict)().items():  # critic, PRIME's PRM
                 extra[f"rank_{name}_param_sha256"] = distributed.gather_to_main(dist, distributed.param_digest(model))
             extra["rank_local_params"] = distributed.gather_to_main(dist, sharding.local_parameters(policy.model))
         if dist.is_main:

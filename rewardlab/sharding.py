@@ -24,6 +24,8 @@ What a loop that owns its own generation needs beside that, for both:
   ZeRO-3, rank 0 gathers the weights for `policy/`; it resumes with the same stage and processes.
 Generation needs the whole model on each rank for a moment; what sharding saves is the training state
 (gradients, optimizer moments, and under FULL_SHARD / ZeRO-3 the parameters between uses).
+A model trained beside the policy (PPO's critic, PRIME's implicit PRM) goes through the same functions:
+`FSDP.shard` with the policy's settings, or a `DeepSpeed` object of its own (algos/auxiliary.py).
 """
 from __future__ import annotations
 
@@ -85,10 +87,11 @@ class FSDP:
             reshard = str(reshard).upper().endswith("FULL_SHARD")
         return cls(reshard_after_forward=reshard, offload_policy=plugin.cpu_offload, plugin=plugin)
 
-    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+    def shard(self, model: torch.nn.Module, units: tuple[torch.nn.Module, ...] = ()) -> torch.nn.Module:
         """Shard `model` in place (every rank holds the same full weights before): one unit per
-        transformer block, the root last. The root keeps its parameters gathered after forward, as
-        accelerate and torchtitan do: backward needs them first."""
+        transformer block, and per module in `units` (a float32 value head beside a bfloat16 backbone:
+        FSDP needs one dtype per unit), the root last. The root keeps its parameters gathered after
+        forward, as accelerate and torchtitan do: backward needs them first."""
         from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
         from torch.distributed.fsdp import OffloadPolicy, fully_shard
 
@@ -101,6 +104,8 @@ class FSDP:
             for module in [m for m in model.modules() if m is not model]:
                 if wrap(module):
                     fully_shard(module, reshard_after_forward=self.reshard_after_forward, offload_policy=offload)
+        for module in units:
+            fully_shard(module, reshard_after_forward=self.reshard_after_forward, offload_policy=offload)
         fully_shard(model, reshard_after_forward=False, offload_policy=offload)
         return model
 
@@ -172,12 +177,15 @@ class DeepSpeed:
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int,
                 max_grad_norm: float) -> Any:
-        """The DeepSpeed engine around `model` and `optimizer`; returns the optimizer DeepSpeed wraps.
+        """The DeepSpeed engine around `model` and `optimizer`; returns the optimizer DeepSpeed wraps. One
+        engine per object: a model trained beside the policy gets its own (algos/auxiliary.py).
         The update calls backward once per micro-batch and step once per optimizer step, so accumulation
         is ours (boundaries set by hand) and clipping is DeepSpeed's (`algo.max_grad_norm`)."""
         config = self.accelerator.state.deepspeed_plugin.deepspeed_config
         config["train_micro_batch_size_per_gpu"] = micro_batch_size
         config["gradient_accumulation_steps"] = 1
+        # set, not left to accelerate: a second engine (a critic, PRIME's PRM) may take other micro-batches
+        config["train_batch_size"] = micro_batch_size * self.accelerator.num_processes
         config["gradient_clipping"] = float(max_grad_norm)
         config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
         self.engine, wrapped = self.accelerator.prepare(model, optimizer)
@@ -280,11 +288,12 @@ def full_model_state(model: torch.nn.Module, sharding: Any = None) -> dict[str, 
     return state
 
 
-def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str | None = None
+                    ) -> dict[str, Any] | None:
     """The optimizer's whole state keyed by parameter name, so a sharded or plain model can resume it;
-    under FSDP only its param_groups and where the checkpointer writes its tensors, each rank its shards
-    (sharded_checkpoint.py). None before the first step: torch would fill an empty state by stepping with
-    zero gradients, which counts a step."""
+    under FSDP only its param_groups and the `folder` of the checkpoint directory where its tensors are
+    written, each rank its shards (sharded_checkpoint.py; the policy's: `sharded`). None before the first
+    step: torch would fill an empty state by stepping with zero gradients, which counts a step."""
     if not optimizer.state:
         return None
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -293,7 +302,7 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
         from rewardlab import sharded_checkpoint
 
         groups = get_optimizer_state_dict(model, optimizer, options=_options())["param_groups"]
-        return {"dcp": sharded_checkpoint.FOLDER, "param_groups": groups}
+        return {"dcp": folder or sharded_checkpoint.FOLDER, "param_groups": groups}
     return get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
 
 

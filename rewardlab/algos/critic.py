@@ -8,7 +8,8 @@ runs in a fork of the global RNG: a resumed run builds its critic at a later ite
 run did, so any draw from the global generator would shift its sampling.
 Written here rather than taken from TRL: TRL's PPOTrainer owns its own generation loop and its value head
 lives inside it; verl's critic is a Ray worker. The formulas match verl's `compute_value_loss` and its
-explained-variance metric (tests/test_ppo.py checks both against them).
+explained-variance metric (tests/test_ppo.py checks both against them). Under several processes the critic
+trains and is checkpointed the way the policy is under the same launch (auxiliary.py): DDP, FSDP or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-
+from rewardlab.algos.auxiliary import Auxiliary
 from rewardlab.algos.losses import Tensors
-from rewardlab.distributed import data_parallel, no_sync
 from rewardlab.errors import UserError
 
 
@@ -64,6 +63,9 @@ class ValueModel(torch.nn.Module):
     def __init__(self, backbone: torch.nn.Module, hidden: int, init_std: float, seed: int) -> None:
         super().__init__()
         self.backbone = backbone
+        # read by the FSDP wrap policy (one unit per block), accelerate's DeepSpeed set-up and TRL's ZeRO-3 gather
+        self._no_split_modules = getattr(backbone, "_no_split_modules", None)
+        self.config = backbone.config
         self.head = torch.nn.Linear(hidden, 1)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -71,12 +73,17 @@ class ValueModel(torch.nn.Module):
             self.head.bias.zero_()
         self.head.to(next(backbone.parameters()).device, torch.float32)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.backbone, "is_gradient_checkpointing", False))
+
     def forward(self, input_ids, attention_mask, position_ids, width: int) -> torch.Tensor:
         """(n, width) values: V_t is read at the position before completion token t (the state it is drawn
         from), as verl reads its critic at [-width - 1 : -1]."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state
-        return self.head(hidden[:, -width - 1 : -1].float()).squeeze(-1)
+        # a copy, not a view of the head's output: FSDP's hooks on the returned tensor must not see a view
+        return self.head(hidden[:, -width - 1 : -1].float()).squeeze(-1).clone()
 
 
 def hidden_size(config: Any, where: str) -> int:
@@ -117,78 +124,94 @@ def load_value_model(cfg: CriticConfig, policy, seed: int) -> ValueModel:
 
 
 class Critic:
-    """The value model with its AdamW, trained under DDP when several processes each hold a replica."""
+    """The value model with its AdamW, trained like the policy under this launch (auxiliary.py: a DDP
+    replica under torchrun, sharded under FSDP, its own DeepSpeed engine under DeepSpeed)."""
 
     def __init__(self, cfg: CriticConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
         self.model: ValueModel | None = None
-        self.trained: torch.nn.Module | None = None  # the DDP wrapper (or the model itself)
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.aux: Auxiliary | None = None
         self._saved: dict[str, Any] | None = None
 
-    def setup(self, policy) -> None:
-        """Build the model and optimizer once, with restored state if a checkpoint gave one."""
+    @property
+    def trained(self) -> torch.nn.Module:
+        """What the training passes run through: DDP, the DeepSpeed engine, or the (sharded) model."""
+        return self.aux.trained
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Its AdamW (under DeepSpeed, the wrapper DeepSpeed steps)."""
+        return self.aux.optimizer
+
+    def setup(self, policy, micro_batch_size: int) -> None:
+        """Build the model and optimizer once, with restored state if a checkpoint gave one, under the
+        policy's launch; off the global RNG stream (a resumed run builds it at another point)."""
         if self.model is not None:
             return
-        self.model = load_value_model(self.cfg, policy, self.seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        if self._saved is not None:
-            self._load(self._saved)
-            self._saved = None
+        saved, self._saved = self._saved, None
+        with torch.random.fork_rng(devices=[]):
+            model = load_value_model(self.cfg, policy, self.seed)
+            if saved is not None and saved.get("model") is not None:
+                _check_head(saved["model"], model.head.in_features)
+
+            def adamw(params):
+                return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+            self.aux = Auxiliary("critic", model, adamw, policy.sharding, micro_batch_size, self.cfg.max_grad_norm,
+                                 saved, units=(model.head,))
+        self.model = model
         self.model.eval()
-        self.trained = data_parallel(self.model)
 
     @torch.no_grad()
     def values(self, t: Tensors, micro_rows: int) -> torch.Tensor:
         """(N, C) values of every completion token under the current critic (no gradient)."""
         n, C = t.input_ids.shape[0], t.completion_width
-        return torch.cat([self.model(t.input_ids[s : s + micro_rows], t.attention_mask[s : s + micro_rows],
-                                     t.position_ids[s : s + micro_rows], C) for s in range(0, n, micro_rows)])
+        with self.aux.full_weights():
+            return torch.cat([self.model(t.input_ids[s : s + micro_rows], t.attention_mask[s : s + micro_rows],
+                                         t.position_ids[s : s + micro_rows], C) for s in range(0, n, micro_rows)])
 
     def step(self, t: Tensors, rows: torch.Tensor, returns: torch.Tensor, old_values: torch.Tensor,
              mask: torch.Tensor, micro_rows: int) -> dict[str, float]:
         """One optimizer step on `rows`: the clipped value loss, token-mean over the minibatch's tokens."""
-        model, C = self.trained, t.completion_width
-        self.optimizer.zero_grad(set_to_none=not isinstance(model, DistributedDataParallel))
+        C = t.completion_width
         n_tokens = float(mask[rows].sum())
+        cliprange = self.cfg.cliprange_value if self.cfg.cliprange_value > 0 else float("inf")
         totals = {"critic/value_loss": 0.0, "critic/clip_fraction": 0.0}
         starts = list(range(0, len(rows), micro_rows))
-        for index, start in enumerate(starts):
-            micro = rows[start : start + micro_rows]
-            with no_sync(model, last=index == len(starts) - 1):
-                predicted = model(t.input_ids[micro], t.attention_mask[micro], t.position_ids[micro], C)
-                cliprange = self.cfg.cliprange_value if self.cfg.cliprange_value > 0 else float("inf")
-                loss, clipped = value_loss(predicted, returns[micro], old_values[micro], mask[micro], cliprange)
-                loss = loss.sum() / max(n_tokens, 1.0)
-                loss.backward()
-            totals["critic/value_loss"] += float(loss.detach())
-            totals["critic/clip_fraction"] += float(clipped.sum()) / max(n_tokens, 1.0)
-        limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        totals["critic/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
-        self.optimizer.step()
+
+        def loss_of(index: int, real: bool) -> torch.Tensor:
+            micro = rows[starts[index] : starts[index] + micro_rows]
+            predicted = self.trained(t.input_ids[micro], t.attention_mask[micro], t.position_ids[micro], C)
+            loss, clipped = value_loss(predicted, returns[micro], old_values[micro], mask[micro], cliprange)
+            loss = loss.sum() / max(n_tokens, 1.0)
+            if real:
+                totals["critic/value_loss"] += float(loss.detach())
+                totals["critic/clip_fraction"] += float(clipped.sum()) / max(n_tokens, 1.0)
+            return loss
+
+        totals["critic/grad_norm"] = self.aux.train_step(len(starts), loss_of)
         return totals
 
     # ---- checkpointed state: tensors and plain data only (state.pt is read with weights_only=True) ----
     def state_dict(self) -> dict[str, Any] | None:
-        if self.model is None:
-            return self._saved
-        weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return {"weights": weights, "optimizer": self.optimizer.state_dict()}
+        return self._saved if self.aux is None else self.aux.state_dict()
+
+    def save_files(self, checkpoint: Path) -> None:
+        """Under FSDP / DeepSpeed every rank writes its part of the critic beside state.pt."""
+        if self.aux is not None:
+            self.aux.save_files(checkpoint)
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state is None:
-            return
-        if self.model is None:
-            self._saved = state  # applied when the critic is built (it needs the policy)
-        else:
-            self._load(state)
+        """Kept until the critic is (re)built by `setup`, which needs the policy."""
+        if state is not None and "weights" in state:  # written before auxiliary.py named it "model"
+            state = {"model": state["weights"], "optimizer": state.get("optimizer")}
+        self._saved = state
+        self.model = self.aux = None
 
-    def _load(self, state: dict[str, Any]) -> None:
-        head = state["weights"].get("head.weight")
-        width = self.model.head.in_features
-        if head is None or head.shape[-1] != width:
-            got = "no value head" if head is None else f"a value head over {head.shape[-1]} features"
-            raise UserError(f"the checkpoint's critic has {got}, but the critic model here gives "
-                            f"{width}-wide hidden states; resume with the critic.model that wrote it")
-        self.model.load_state_dict(state["weights"])
-        self.optimizer.load_state_dict(state["optimizer"])
+
+def _check_head(weights: dict[str, torch.Tensor], width: int) -> None:
+    head = weights.get("head.weight")
+    if head is None or head.shape[-1] != width:
+        got = "no value head" if head is None else f"a value head over {head.shape[-1]} features"
+        raise UserError(f"the checkpoint's critic has {got}, but the critic model here gives "
+                        f"{width}-wide hidden states; resume with the critic.model that wrote it")

@@ -87,7 +87,7 @@ class PPO(PolicyGradient):
 
     def setup(self, policy) -> None:
         super().setup(policy)
-        self.critic.setup(policy)
+        self.critic.setup(policy, self.cfg.micro_batch_size)
 
     def trained_models(self) -> dict[str, torch.nn.Module]:
         """Models trained beside the policy (run.py compares their weights over ranks)."""
@@ -95,6 +95,10 @@ class PPO(PolicyGradient):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "critic": self.critic.state_dict(), "critic_updates": self.critic_updates}
+
+    def save_files(self, checkpoint) -> None:
+        """The critic's shards (FSDP) or DeepSpeed files beside state.pt (checkpoint.py calls it on every rank)."""
+        self.critic.save_files(checkpoint)
 
     def load_state_dict(self, state: dict[str, Any], policy) -> None:
         super().load_state_dict(state, policy)

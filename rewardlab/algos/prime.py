@@ -17,8 +17,9 @@ iteration, in the order of the paper's algorithm and its code (PRIME-RL/PRIME, `
    batch's tokens (verl's `masked_whiten`);
 4. the clipped-ratio policy update of pg.py on those per-token advantages.
 Written here because no maintained library has PRIME's online PRM (it lives in a verl recipe); the
-formulas are checked against that code in tests/test_prime.py. Under torchrun the PRM trains under DDP
-like the policy, and the batch statistics (norm, whitening) are taken over all ranks.
+formulas are checked against that code in tests/test_prime.py. Under several processes the PRM trains and is
+checkpointed the way the policy is under the same launch (auxiliary.py: DDP under torchrun, sharded under
+FSDP, its own engine under DeepSpeed), and the batch statistics (norm, whitening) are taken over all ranks.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 from rewardlab.algos import AlgoContext
+from rewardlab.algos.auxiliary import Auxiliary
 from rewardlab.algos.advantages import returns_to_go, rloo
 from rewardlab.algos.losses import Tensors, to_tensors, token_logprobs
 from rewardlab.algos.pg import PGConfig, PolicyGradient
 from rewardlab.config import schema
-from rewardlab.distributed import data_parallel, no_sync, param_digest
+from rewardlab.distributed import param_digest
 from rewardlab.errors import UserError
 from rewardlab.rollout import Batch
-from rewardlab.sharding import load_optimizer_state, optimizer_state
 
 NORMS = ("batch_norm", "none")
 NO_REFERENCES = ("algo=prime trains its implicit PRM on outcome labels (each rollout checked against its prompt's "
@@ -161,9 +162,8 @@ class Prime(PolicyGradient):
         if self.settings.beta <= 0:
             raise UserError(f"algo.prime.beta={self.settings.beta} must be positive")
         self.prm: torch.nn.Module | None = None
-        self._prm_trained: torch.nn.Module | None = None  # the PRM under DDP when several ranks train
+        self._prm: Auxiliary | None = None  # the PRM with its optimizer, trained under the launch
         self._prm_reference: torch.nn.Module | None = None  # only for algo.prime.model (else the policy's)
-        self.prm_optimizer: torch.optim.Optimizer | None = None
         self._saved_prm: dict[str, Any] | None = None
         self._token_advantages: torch.Tensor | None = None
 
@@ -174,49 +174,63 @@ class Prime(PolicyGradient):
             raise UserError(NO_REFERENCES)
 
     # ---- the implicit PRM and its state ------------------------------------------------------------
+    def setup(self, policy) -> None:
+        """The policy's optimizer (pg.py), then the PRM: built when the run starts under a sharded launch
+        (run.py calls setup after sharding the policy), else at the first update."""
+        super().setup(policy)
+        self._build_prm(policy)
+
     def _build_prm(self, policy) -> None:
         if self.prm is not None:
             return
-        if policy.sharding is not None:
-            raise UserError("algo=prime keeps a whole implicit PRM on every rank; run it without the FSDP / "
-                            "DeepSpeed config (torchrun data parallelism works)")
-        if self.settings.model is None:
-            self.prm = policy.load_fresh()
-        else:
-            from rewardlab.policy import _local_dir, load_model
+        saved, self._saved_prm = self._saved_prm, None
+        with torch.random.fork_rng(devices=[]):  # off the run's RNG stream, wherever a resumed run builds it
+            if self.settings.model is None:
+                prm = policy.load_fresh(shard=False)  # auxiliary.py shards it after loading saved weights
+            else:
+                from rewardlab.policy import _local_dir, load_model
 
-            source = str(_local_dir(self.settings.model, "algo.prime.model"))
-            self.prm = load_model(source, policy.model.dtype).to(policy.device)
-            self._prm_reference = load_model(source, policy.model.dtype).to(policy.device).eval().requires_grad_(False)
+                source = str(_local_dir(self.settings.model, "algo.prime.model"))
+                prm = load_model(source, policy.model.dtype).to(policy.device)
+                reference = load_model(source, policy.model.dtype).to(policy.device).eval().requires_grad_(False)
+                self._prm_reference = policy.sharding.shard(reference) if policy.sharding is not None else reference
+
+            def adamw(params):
+                return torch.optim.AdamW(params, lr=self.settings.lr, weight_decay=self.settings.weight_decay)
+
+            self._prm = Auxiliary("prime", prm, adamw, policy.sharding, self.settings.micro_batch_size,
+                                  self.settings.max_grad_norm, saved)
+        self.prm = prm
         self.prm.eval()
-        self.prm_optimizer = torch.optim.AdamW([p for p in self.prm.parameters() if p.requires_grad],
-                                               lr=self.settings.lr, weight_decay=self.settings.weight_decay)
-        if self._saved_prm is not None:
-            self.prm.load_state_dict(self._saved_prm["model"])
-            if self._saved_prm.get("optimizer") is not None:
-                load_optimizer_state(self.prm, self.prm_optimizer, self._saved_prm["optimizer"])
-            self._saved_prm = None
-        self._prm_trained = data_parallel(self.prm)
+
+    def trained_models(self) -> dict[str, torch.nn.Module]:
+        """Models trained beside the policy (run.py compares their weights over ranks)."""
+        return {"prm": self.prm} if self.prm is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
-        """pg.py's state plus the PRM's weights and optimizer state; every rank calls it, and each rank's
-        PRM digest is recorded under several processes so a checkpoint shows the replicas agree."""
+        """pg.py's state plus the PRM's weights and optimizer state (or, sharded, the folder of its files);
+        every rank calls it, and each rank's PRM digest is recorded under several processes so a checkpoint
+        shows the ranks agree."""
         state = super().state_dict()
-        if self.prm is None:
+        if self._prm is None:
             state["prime"] = self._saved_prm
             return state
-        state["prime"] = {"model": {k: v.detach().to("cpu", copy=True) for k, v in self.prm.state_dict().items()},
-                          "optimizer": optimizer_state(self.prm, self.prm_optimizer)}
+        state["prime"] = self._prm.state_dict()
         if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             digests: list[Any] = [None] * torch_dist.get_world_size()
             torch_dist.all_gather_object(digests, param_digest(self.prm))
             state["prime"]["rank_sha256"] = digests
         return state
 
+    def save_files(self, checkpoint) -> None:
+        """The PRM's shards (FSDP) or DeepSpeed files beside state.pt (checkpoint.py calls it on every rank)."""
+        if self._prm is not None:
+            self._prm.save_files(checkpoint)
+
     def load_state_dict(self, state: dict[str, Any], policy) -> None:
         super().load_state_dict(state, policy)
         self._saved_prm = state.get("prime")
-        self.prm = self._prm_trained = self.prm_optimizer = None  # rebuilt with the saved state on next use
+        self.prm = self._prm = None  # rebuilt with the saved state on next use
 
     # ---- one iteration ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -228,35 +242,36 @@ class Prime(PolicyGradient):
                               for s in range(0, t.input_ids.shape[0], size)])
 
         if self._prm_reference is not None:
-            return run(self._prm_reference)
-        with policy.reference() as reference:
+            with policy.full_weights(self._prm_reference):
+                return run(self._prm_reference)
+        with policy.reference() as reference, policy.full_weights(reference):
             return run(reference)
 
     def _train_prm(self, t: Tensors, ref: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """One optimizer step on the mean cross-entropy; returns the PRM's log-probs before the step."""
-        model, mask, n = self._prm_trained, t.completion_mask, t.input_ids.shape[0]
-        size = self.settings.micro_batch_size
+        mask, n, size = t.completion_mask, t.input_ids.shape[0], self.settings.micro_batch_size
         starts = list(range(0, n, size))
-        self.prm_optimizer.zero_grad(set_to_none=True)
-        model.train()
-        logps, loss_sum = [], 0.0
-        for index, start in enumerate(starts):
-            rows = slice(start, start + size)
-            with no_sync(model, last=index == len(starts) - 1):
-                lp = token_logprobs(model, t, rows, 1.0)[0]
-                loss = cross_entropy(lp, ref[rows], mask[rows], labels[rows], self.settings.beta).sum() / n
-                loss.backward()
-            logps.append(lp.detach())
-            loss_sum += float(loss.detach())
-        norm = torch.nn.utils.clip_grad_norm_(self.prm.parameters(), self.settings.max_grad_norm)
-        self.prm_optimizer.step()
-        model.eval()
-        return torch.cat(logps), {"prime/loss": loss_sum, "prime/grad_norm": float(norm)}
+        logps: list[torch.Tensor] = []
+        losses: list[float] = []
+
+        def loss_of(index: int, real: bool) -> torch.Tensor:
+            rows = slice(starts[index], starts[index] + size)
+            lp = token_logprobs(self._prm.trained, t, rows, 1.0)[0]
+            loss = cross_entropy(lp, ref[rows], mask[rows], labels[rows], self.settings.beta).sum() / n
+            if real:
+                logps.append(lp.detach())
+                losses.append(float(loss.detach()))
+            return loss
+
+        self._prm.trained.train()
+        norm = self._prm.train_step(len(starts), loss_of)
+        self._prm.trained.eval()
+        return torch.cat(logps), {"prime/loss": sum(losses), "prime/grad_norm": norm}
 
     def update(self, policy, batch: Batch) -> dict[str, float]:
         if batch.gold is None or any(g is None for g in batch.gold):
             raise UserError(NO_REFERENCES)
-        self._build_prm(policy)
+        self.setup(policy)
         t = to_tensors(batch, policy.tokenizer.pad_token_id, policy.device)
         mask = t.completion_mask
         labels = torch.tensor(batch.gold, dtype=torch.float32, device=policy.device)

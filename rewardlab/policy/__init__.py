@@ -44,15 +44,16 @@ class Policy:
     _reference: torch.nn.Module | None = field(default=None, repr=False)
     sharding: Any = None  # rewardlab.sharding.FSDP / DeepSpeed once `shard` ran (a sharded launch), else None
 
-    def load_fresh(self) -> torch.nn.Module:
+    def load_fresh(self, shard: bool = True) -> torch.nn.Module:
         """A new copy of the starting weights (the frozen reference, or ReST-EM's restart point);
         with LoRA, the base with new adapters of the same shape, so its state dict fits this model.
-        Sharded like the policy under FSDP (DeepSpeed leaves it whole)."""
+        Sharded like the policy under FSDP (DeepSpeed leaves it whole), unless `shard` is False (a model
+        trained beside the policy, which algos/auxiliary.py shards after loading its saved weights)."""
         model = load_model(self.source, self.model.dtype)
         if has_adapters(self.model):
             model = add_adapters_like(model, self.model)
         model = model.to(self.device)
-        return self.sharding.shard(model) if self.sharding is not None else model
+        return self.sharding.shard(model) if self.sharding is not None and shard else model
 
     def shard(self, sharding) -> None:
         """Shard the model in place (rewardlab.sharding; DeepSpeed does it when the optimizer is built);
