@@ -23,7 +23,7 @@ from reward_fixtures import save_tiny
 
 RUN = ["logger=none", "run.iterations=1", "run.eval_every=1", "run.eval_size=1", "run.prompts_per_iteration=4",
        "algo.samples_per_prompt=4", "run.threads=1", "run.save_rollouts=false", "run.keep_checkpoints=1"]
-ARITH = ["dataset.train_size=64", "dataset.test_size=4"]  # the default splits (20,500 problems) take ~1 s to build
+ARITH = ["dataset.train_size=256", "dataset.test_size=4"]  # the default splits (20,500 problems) take ~1 s to build
 SETTINGS = {"judge": ["reward.fallback=correct", "reward.judge.samples=1", "reward.judge.max_new_tokens=8"],
             "pairwise_judge": ["reward.fallback=correct", "reward.judge.max_new_tokens=8"]}
 
