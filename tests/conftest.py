@@ -34,3 +34,32 @@ def tiny_policy():
 
 SMALL_RUN = ("logger=none", "run.iterations=2", "run.eval_every=2", "run.eval_size=16",
              "run.prompts_per_iteration=4")
+
+
+@pytest.fixture(scope="session")
+def piped_run(tiny_policy, tmp_path_factory):
+    """`piped_run(algo)`: `rewardlab train algo=<algo>` with SMALL_RUN and an eval every iteration, through the CLI
+    with its output piped (COLUMNS=40), run once per algorithm per session and shared by the tests that read it
+    (console output, the run's metrics): (the finished process, its run dir)."""
+    done: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
+
+    def run(algo: str) -> tuple[subprocess.CompletedProcess, Path]:
+        if algo not in done:
+            run_dir = tmp_path_factory.mktemp(f"piped-{algo}") / "run"
+            done[algo] = run_cli("train", f"algo={algo}", *SMALL_RUN, "run.eval_every=1", f"hydra.run.dir={run_dir}",
+                                 env={"COLUMNS": "40"}), run_dir
+        return done[algo]
+    return run
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory) -> Path:
+    """The tiny GRPO run (test_distributed.TINY_GRPO with test_sharding.UPDATE: a KL term, two minibatch passes,
+    micro-batches) under torchrun on 2 processes, run once: test_distributed checks that its ranks trained
+    identical weights, test_sharding compares every sharded run against it."""
+    from test_distributed import TINY_GRPO
+    from test_sharding import UPDATE, torchrun
+
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    torchrun(run_dir, *TINY_GRPO, *UPDATE)
+    return run_dir

@@ -5,16 +5,15 @@ line per iteration with all its fields, and no library progress bar or warning. 
 import re
 
 import pytest
-from conftest import SMALL_RUN, read_metrics, run_cli
+from conftest import read_metrics
 
 from rewardlab.tracking import ProgressDisplay
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["grpo", "rft", "dpo"])
-def test_piped_run_prints_one_line_per_iteration_and_nothing_else(algo, tmp_path):
-    run = tmp_path / "run"
-    done = run_cli("train", f"algo={algo}", *SMALL_RUN, f"hydra.run.dir={run}", env={"COLUMNS": "40"})
+def test_piped_run_prints_one_line_per_iteration_and_nothing_else(algo, piped_run):
+    done, run = piped_run(algo)  # conftest: SMALL_RUN through the CLI, output piped, COLUMNS=40
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == f"run dir: {run}\n"
     # transformers prints this notice once when it loads its trainer under WANDB_MODE=offline (set by run_cli)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -114,18 +112,12 @@ def test_ddp_averages_accumulated_gradients_and_collectives_reduce_rows_and_agre
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_train_identical_weights(tmp_path: Path):
+def test_torchrun_two_ranks_train_identical_weights(ddp_run: Path):
+    """conftest's `ddp_run`: TINY_GRPO (with a KL term and minibatches, test_sharding's UPDATE) under torchrun."""
     from rewardlab.policy import load_policy
 
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "rewardlab", "train", *TINY_GRPO, f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((ddp_run / "summary.json").read_text())
+    rows = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     assert summary["world_size"] == 2 and [r["world_size"] for r in rows] == [2, 2, 2]
     assert [r["iteration"] for r in rows] == [0, 1, 2]  # written once, not once per rank
     assert rows[1]["rollouts"] == 16.0  # 4 prompts x 4 samples over both ranks
@@ -141,25 +133,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         return sock.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_accelerate_launch_with_the_multi_gpu_config_runs_two_ranks_on_cpu(tmp_path: Path):
-    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate runs multi-CPU only
-    through mpirun); the multi_gpu config starts one process per rank, and on a CPU-only machine they
-    join over gloo."""
-    repo = Path(__file__).resolve().parents[1]
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(repo / "conf" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
-           "--main_process_port", str(free_port()), "-m", "rewardlab", "train", *TINY_GRPO,
-           "run.iterations=1", f"hydra.run.dir={run_dir}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["iterations_completed"] == 2
-    assert len(set(summary["rank_param_sha256"])) == 1
 
 
 def test_algorithms_without_gradient_averaging_refuse_several_processes():

@@ -43,8 +43,9 @@ def test_grpo_run_writes_everything_a_researcher_needs(tiny_policy, tmp_path):
 
 
 @pytest.mark.slow
-def test_rft_run_fine_tunes_on_kept_samples(tiny_policy, tmp_path):
-    run_dir = _run_dir(run_cli("train", "algo=rft", *SMALL_RUN, f"hydra.run.dir={tmp_path}/run"))
+def test_rft_run_fine_tunes_on_kept_samples(piped_run):
+    done, run_dir = piped_run("rft")  # conftest: the run test_console reads too
+    assert _run_dir(done) == run_dir
     rows = read_metrics(run_dir)
     assert len(rows) == 3
     for row in rows[1:]:

@@ -68,12 +68,13 @@ def test_evaluation_sampling_has_its_own_seeded_random_state():
 
 
 @pytest.mark.slow
-def test_pass_k_evaluation_leaves_training_unchanged(tmp_path):
-    runs = {}
-    for name, extra in (("plain", ()), ("pass_k", ("run.eval_pass_k=[1,4]",))):
-        done = run_cli("train", *SMALL_RUN, "run.eval_every=1", *extra, f"hydra.run.dir={tmp_path / name}")
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = read_metrics(tmp_path / name)
+def test_pass_k_evaluation_leaves_training_unchanged(piped_run, tmp_path):
+    baseline, plain_dir = piped_run("grpo")  # conftest: SMALL_RUN with an eval every iteration
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    done = run_cli("train", "algo=grpo", *SMALL_RUN, "run.eval_every=1", "run.eval_pass_k=[1,4]",
+                   f"hydra.run.dir={tmp_path / 'pass_k'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {"plain": read_metrics(plain_dir), "pass_k": read_metrics(tmp_path / "pass_k")}
     assert "eval/maj@4" in runs["pass_k"][1] and "eval/maj@4" not in runs["plain"][1]
     for plain, with_pass_k in zip(runs["plain"][1:], runs["pass_k"][1:]):
         for key in ("reward/mean", "loss", "gold/accuracy", "eval/accuracy"):

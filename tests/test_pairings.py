@@ -23,6 +23,7 @@ from reward_fixtures import save_tiny
 
 RUN = ["logger=none", "run.iterations=1", "run.eval_every=1", "run.eval_size=1", "run.prompts_per_iteration=4",
        "algo.samples_per_prompt=4", "run.threads=1", "run.save_rollouts=false", "run.keep_checkpoints=1"]
+ARITH = ["dataset.train_size=256", "dataset.test_size=4"]  # the default splits (20,500 problems) take ~1 s to build
 SETTINGS = {"judge": ["reward.fallback=correct", "reward.judge.samples=1", "reward.judge.max_new_tokens=8"],
             "pairwise_judge": ["reward.fallback=correct", "reward.judge.max_new_tokens=8"]}
 
@@ -43,7 +44,7 @@ def outcome(reward: str, algo: str, run_dir, orm_model) -> str:
     register_schemas()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"reward={reward}", f"algo={algo}", *RUN, *extra])
+        cfg = compose(config_name="train", overrides=[f"reward={reward}", f"algo={algo}", *RUN, *ARITH, *extra])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

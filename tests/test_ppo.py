@@ -283,17 +283,32 @@ def rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in lines]
 
 
-def test_vapo_with_process_rewards_and_kl_in_reward_end_to_end(tiny_policy, tmp_path):
-    done = train("algo=ppo", "reward=arith_steps", "algo.credit=sum", "algo.kl_in_reward=true", "algo.beta=0.05",
-                 "algo.lam_critic=1.0", "algo.lam_alpha=0.05", "algo.critic.warmup=1", *SMALL,
-                 f"hydra.run.dir={tmp_path}")
+# VAPO with process rewards and the KL in the reward: the richest PPO configuration, so one uninterrupted run of it
+# serves both the end-to-end checks and the SIGKILL test's reference (its checkpoint after iteration 2 holds the
+# policy's AdamW state, the critic, its optimizer and the warm-up count)
+VAPO = ["algo=ppo", "reward=arith_steps", "algo.credit=sum", "algo.kl_in_reward=true", "algo.beta=0.05",
+        "algo.lam_critic=1.0", "algo.lam_alpha=0.05", "algo.critic.warmup=1", *SMALL, "run.iterations=3",
+        "run.eval_every=1"]
+
+
+@pytest.fixture(scope="module")
+def vapo_run(tiny_policy, tmp_path_factory) -> Path:
+    """Three uninterrupted VAPO iterations through the CLI: a critic-only warm-up, then two full updates."""
+    run_dir = tmp_path_factory.mktemp("vapo") / "whole"
+    done = train(*VAPO, f"hydra.run.dir={run_dir}")
     assert done.returncode == 0, done.stderr[-3000:]
-    first, second = rows(tmp_path)[1:]
-    assert first[SKIPPED] == 1.0 and "loss" not in first  # the warm-up iteration trained the critic only
-    assert SKIPPED not in second and math.isfinite(second["loss"]) and 0 < second["critic/policy_lambda_mean"] < 1
-    for key in ("critic/value_loss", "critic/explained_variance", "critic/values_mean", "critic/clip_fraction",
-                "reward/kl_penalty", "process/steps"):
-        assert key in first and key in second, key
+    return run_dir
+
+
+def test_vapo_with_process_rewards_and_kl_in_reward_end_to_end(vapo_run):
+    warmup, *trained = rows(vapo_run)[1:]
+    assert warmup[SKIPPED] == 1.0 and "loss" not in warmup  # the warm-up iteration trained the critic only
+    for row in trained:
+        assert SKIPPED not in row and math.isfinite(row["loss"]) and 0 < row["critic/policy_lambda_mean"] < 1
+    for row in (warmup, *trained):
+        for key in ("critic/value_loss", "critic/explained_variance", "critic/values_mean", "critic/clip_fraction",
+                    "reward/kl_penalty", "process/steps"):
+            assert key in row, key
 
 
 def test_gamma_outside_the_unit_interval_is_one_line_and_exit_2(tmp_path):
@@ -303,21 +318,19 @@ def test_gamma_outside_the_unit_interval_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tiny_policy, tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_metrics(vapo_run, tmp_path):
     from test_resume import start_and_wait
 
-    args = ["algo=ppo", *SMALL, "run.iterations=3", "run.eval_every=1"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert train(*args, f"hydra.run.dir={whole}").returncode == 0
+    cut = tmp_path / "cut"
     env = {**os.environ, "WANDB_SILENT": "true"}
-    proc = start_and_wait([sys.executable, "-m", "rewardlab", "train", *args, f"hydra.run.dir={cut}"], cut,
-                          "iter_0001", env)
+    proc = start_and_wait([sys.executable, "-m", "rewardlab", "train", *VAPO, f"hydra.run.dir={cut}"], cut,
+                          "iter_0002", env)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert len(rows(cut)) < 4 and not (cut / "summary.json").exists()
     resumed = train(f"resume={cut}")
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr[-3000:]
-    assert rows(cut) == rows(whole) and "critic/value_loss" in rows(whole)[-1]
+    assert rows(cut) == rows(vapo_run) and "critic/value_loss" in rows(vapo_run)[-1]
 
 
 @pytest.mark.slow

@@ -227,43 +227,45 @@ def test_rows_without_references_and_bad_settings_are_refused(saved_small_policy
         Prime(AlgoContext(), credit="sum")
 
 
-def test_train_algo_prime_end_to_end(tiny_policy, tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_cli("train", "algo=prime", "logger=none", "run.iterations=2", "run.eval_every=2",
-                     "run.eval_size=8", "run.prompts_per_iteration=4", "algo.samples_per_prompt=4",
-                     "run.threads=1", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_metrics(run_dir)
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
-    assert rows[1]["prime/reward_mean"] == 0.0 and rows[2]["prime/reward_mean"] != 0.0  # the PRM was updated
-    for key in ("prime/accuracy", "prime/loss", "prime/token_reward/std", "loss", "advantage/abs_mean"):
-        assert math.isfinite(rows[2][key])
-    state = load_state(run_dir / "checkpoints" / "iter_0002" / "state.pt")
-    assert set(state["algo"]["prime"]) == {"model", "optimizer"}  # one process: no per-rank digests
-
-
-# ---- slow: SIGKILL then resume, and torchrun ------------------------------------------------------------
+# ---- through the CLI: one uninterrupted run serves the end-to-end checks and the resume comparison ----------
 TINY = ["algo=prime", "logger=none", "run.iterations=3", "run.eval_every=3", "run.eval_size=8",
         "run.prompts_per_iteration=4", "algo.samples_per_prompt=4", "run.threads=1"]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_policy, tmp_path_factory) -> Path:
+    """`rewardlab train algo=prime` for three iterations, not interrupted (the SIGKILL test's reference)."""
+    run_dir = tmp_path_factory.mktemp("prime") / "whole"
+    result = run_cli("train", *TINY, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_train_algo_prime_end_to_end(uninterrupted):
+    rows = read_metrics(uninterrupted)
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert rows[1]["prime/reward_mean"] == 0.0 and rows[2]["prime/reward_mean"] != 0.0  # the PRM was updated
+    for key in ("prime/accuracy", "prime/loss", "prime/token_reward/std", "loss", "advantage/abs_mean"):
+        assert math.isfinite(rows[2][key])
+    state = load_state(uninterrupted / "checkpoints" / "iter_0002" / "state.pt")
+    assert set(state["algo"]["prime"]) == {"model", "optimizer"}  # one process: no per-rank digests
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tiny_policy, tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_metrics(uninterrupted, tmp_path):
     from test_resume import environment, rows, start_and_wait
 
-    def command(run_dir):
-        return [sys.executable, "-m", "rewardlab", "train", *TINY, f"hydra.run.dir={run_dir}"]
-
-    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True, env=environment())
-    proc = start_and_wait(command(tmp_path / "cut"), tmp_path / "cut", "iter_0001", environment())
+    cut = tmp_path / "cut"
+    command = [sys.executable, "-m", "rewardlab", "train", *TINY, f"hydra.run.dir={cut}"]
+    proc = start_and_wait(command, cut, "iter_0001", environment())
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
-    assert len(rows(tmp_path / "cut")) < 4
-    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={tmp_path / 'cut'}"],
+    assert len(rows(cut)) < 4
+    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={cut}"],
                              capture_output=True, text=True, env=environment())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stderr
-    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
+    assert rows(cut) == rows(uninterrupted)
 
 
 @pytest.mark.slow

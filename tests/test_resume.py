@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = ["run.iterations=4", "run.eval_every=2", "run.eval_size=20", "run.prompts_per_iteration=4",
+TINY = ["run.iterations=3", "run.eval_every=2", "run.eval_size=20", "run.prompts_per_iteration=4",
         "run.threads=1", "algo.samples_per_prompt=4"]
 
 
@@ -68,7 +68,7 @@ def uninterrupted(tiny_policy, tmp_path_factory) -> list[dict]:
 
 def test_same_config_and_seed_give_identical_metrics(uninterrupted, tmp_path):
     subprocess.run(command(tmp_path, "logger=none"), check=True, capture_output=True, env=environment())
-    assert [r["iteration"] for r in uninterrupted] == [0, 1, 2, 3, 4]
+    assert [r["iteration"] for r in uninterrupted] == [0, 1, 2, 3]
     assert rows(tmp_path) == uninterrupted
 
 
@@ -77,7 +77,7 @@ def test_sigkill_mid_iteration_then_resume_gives_the_uninterrupted_metrics(unint
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    assert len(rows(tmp_path)) < 5 and not (tmp_path / "summary.json").exists()  # really cut short
+    assert len(rows(tmp_path)) < 4 and not (tmp_path / "summary.json").exists()  # really cut short
 
     resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={tmp_path}"],
                              capture_output=True, text=True, env=environment())
@@ -119,54 +119,54 @@ def test_sigint_exits_130_with_the_last_checkpoint_intact_and_resumes(uninterrup
     assert rows(tmp_path) == uninterrupted and (tmp_path / "final" / "model.safetensors").exists()
 
 
-EVERY5 = ("run.iterations=7", "run.checkpoint_every=5", "logger=none")
+EVERY2 = ("run.iterations=4", "run.checkpoint_every=2", "logger=none")
 
 
 @pytest.fixture(scope="module")
-def every5(tiny_policy, tmp_path_factory) -> tuple[Path, list[dict]]:
-    """An uninterrupted 7-iteration run checkpointed at iterations 0, 5 and 7 (the last)."""
-    run_dir = tmp_path_factory.mktemp("every5")
-    subprocess.run(command(run_dir, *EVERY5), check=True, capture_output=True, env=environment())
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0005", "iter_0007"]
+def every2(tiny_policy, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """An uninterrupted 4-iteration run checkpointed at iterations 2 and 4 (the last)."""
+    run_dir = tmp_path_factory.mktemp("every2")
+    subprocess.run(command(run_dir, *EVERY2), check=True, capture_output=True, env=environment())
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) == ["iter_0002", "iter_0004"]
     return run_dir, rows(run_dir)
 
 
-def test_sigkill_between_checkpoints_recomputes_the_lost_iterations_exactly(every5, tmp_path):
-    proc = start_and_wait(command(tmp_path, *EVERY5), tmp_path, "iter_0005", environment(), after=6)
+def test_sigkill_between_checkpoints_recomputes_the_lost_iterations_exactly(every2, tmp_path):
+    proc = start_and_wait(command(tmp_path, *EVERY2), tmp_path, "iter_0002", environment(), after=3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
-    assert logged(tmp_path) in (6, 7) and latest(tmp_path) == "iter_0005"  # iteration 6 is past the checkpoint
+    assert logged(tmp_path) in (3, 4) and latest(tmp_path) == "iter_0002"  # iteration 3 is past the checkpoint
 
     resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={tmp_path}"],
                              capture_output=True, text=True, env=environment())
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stderr and "after iteration 5 of 7" in resumed.stderr
-    assert rows(tmp_path) == every5[1]  # rows 6.. dropped and recomputed: no duplicate, same numbers
-    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == [f"iter_{i:04d}.parquet" for i in range(1, 8)]
+    assert "resuming" in resumed.stderr and "after iteration 2 of 4" in resumed.stderr
+    assert rows(tmp_path) == every2[1]  # rows 3.. dropped and recomputed: no duplicate, same numbers
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == [f"iter_{i:04d}.parquet" for i in range(1, 5)]
 
 
-def test_sigterm_between_checkpoints_finishes_the_iteration_checkpoints_it_and_exits_75(every5, tmp_path):
-    proc = start_and_wait(command(tmp_path, *EVERY5), tmp_path, "iter_0005", environment(), after=5)
-    os.killpg(proc.pid, signal.SIGTERM)  # during iteration 6, which the cadence would not checkpoint
+def test_sigterm_between_checkpoints_finishes_the_iteration_checkpoints_it_and_exits_75(every2, tmp_path):
+    proc = start_and_wait(command(tmp_path, *EVERY2), tmp_path, "iter_0002", environment(), after=2)
+    os.killpg(proc.pid, signal.SIGTERM)  # during iteration 3, which the cadence would not checkpoint
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr
     assert "stopped after the checkpoint completed" in stderr and "Traceback" not in stderr
-    assert latest(tmp_path) == "iter_0006" and logged(tmp_path) == 6  # the iteration in progress is kept
+    assert latest(tmp_path) == "iter_0003" and logged(tmp_path) == 3  # the iteration in progress is kept
 
     resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={tmp_path}"],
                              capture_output=True, text=True, env=environment())
     assert resumed.returncode == 0, resumed.stderr
-    assert "after iteration 6 of 7" in resumed.stderr and rows(tmp_path) == every5[1]
+    assert "after iteration 3 of 4" in resumed.stderr and rows(tmp_path) == every2[1]
 
 
-def test_resume_refuses_a_state_pt_that_would_run_code_and_runs_none_of_it(every5, tmp_path):
+def test_resume_refuses_a_state_pt_that_would_run_code_and_runs_none_of_it(every2, tmp_path):
     run_dir = tmp_path / "copied"
-    shutil.copytree(every5[0], run_dir, symlinks=True)  # a run directory from a shared disk
+    shutil.copytree(every2[0], run_dir, symlinks=True)  # a run directory from a shared disk
     marker = tmp_path / "marker"
     payload = (f"import torch\nclass Evil:\n    def __reduce__(self):\n        return (open, ({str(marker)!r}, 'w'))\n"
-               f"torch.save({{'format': 1, 'iteration': 7, 'algo': Evil()}}, {str(run_dir / 'checkpoints/iter_0007/state.pt')!r})")
+               f"torch.save({{'format': 1, 'iteration': 4, 'algo': Evil()}}, {str(run_dir / 'checkpoints/iter_0004/state.pt')!r})")
     subprocess.run([sys.executable, "-c", payload], check=True)
-    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={run_dir}", "run.iterations=8"],
+    resumed = subprocess.run([sys.executable, "-m", "rewardlab", "train", f"resume={run_dir}", "run.iterations=5"],
                              capture_output=True, text=True, env=environment())
     assert resumed.returncode == 2, resumed.stderr
     errors = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]

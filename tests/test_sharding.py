@@ -91,11 +91,11 @@ def rewind(run_dir: Path, copy: Path, to: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """The same two-iteration GRPO run under plain data parallelism and under FSDP (FULL_SHARD)."""
+def runs(ddp_run, tmp_path_factory) -> dict[str, Path]:
+    """The same two-iteration GRPO run under plain data parallelism (conftest's `ddp_run`) and under FSDP
+    (FULL_SHARD)."""
     root = tmp_path_factory.mktemp("fsdp")
-    out = {"ddp": root / "ddp", "fsdp": root / "fsdp"}
-    torchrun(out["ddp"], *TINY_GRPO, *UPDATE)
+    out = {"ddp": ddp_run, "fsdp": root / "fsdp"}
     out["stdout"] = accelerate("fsdp.yaml", out["fsdp"], *TINY_GRPO, *UPDATE)
     return out
 

@@ -86,6 +86,10 @@ def assert_two_ranks_trained_alike(run_dir: Path, sharding: str) -> None:
 
 @pytest.mark.slow
 def test_single_node_script_runs_one_process_per_gpu(tmp_path: Path):
+    """The script's default is `accelerate launch --config_file conf/accelerate/multi_gpu.yaml --num_processes 2`:
+    this is also the check that the multi_gpu config starts one process per rank on a CPU-only machine, joined
+    over gloo (`accelerate launch --cpu --num_processes 2` would start ONE process: accelerate runs multi-CPU
+    only through mpirun)."""
     run_dir = sbatch("single_node.sbatch", tmp_path, nodes=1, gpus_per_node=2, config=None)
     assert_two_ranks_trained_alike(run_dir, "none")
 
