@@ -18,8 +18,8 @@ import torch
 
 from conftest import read_metrics, run_cli
 from rewardlab.algos import AlgoContext
-from rewardlab.algos.prime import (Prime, batch_normalize, cross_entropy, implicit_rewards, pairwise_accuracy,
-                                   prime_advantages, process_rloo)
+from rewardlab.algos.prime import (Prime, batch_normalize, cross_entropy, group_auc, implicit_rewards,
+                                   pairwise_accuracy, prime_advantages, process_rloo)
 from rewardlab.checkpoint import load_state
 from rewardlab.data.base import Example
 from rewardlab.errors import UserError
@@ -59,6 +59,19 @@ def test_process_and_outcome_rloo_returns_hand_computed():
     values = torch.tensor([-3.0, 1.0, 1.0, 0.0, 0.0])  # the five real tokens
     expected = (values - values.mean()) / values.std()
     assert torch.allclose(whitened[mask.bool()], expected, atol=1e-6) and whitened[1, 1] == 0
+
+
+def test_group_auc_hand_computed_and_blind_to_the_base_rate():
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    scores = torch.tensor([2.0, 1.0, 0.0, 0.0, 5.0, 5.0, 3.0, 3.0])
+    # group 0: right {2, 0} vs wrong {1, 0}: 1 + 1 + 0 + 1/2 of 4 pairs; group 1 has no wrong one (left out);
+    # group 2: a tie, 1/2
+    assert group_auc(scores, labels, groups) == pytest.approx((2.5 / 4 + 0.5) / 2)
+    mostly_right = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    assert group_auc(torch.zeros(8), mostly_right, groups) == 0.5  # a constant scorer, 75% right: still 0.5
+    assert group_auc(-scores, labels, groups) == pytest.approx(1 - (2.5 / 4 + 0.5) / 2)  # reversed order
+    assert group_auc(scores, torch.ones(8), groups) is None  # nothing to rank
 
 
 # ---- PRIME's code, transcribed from PRIME-RL/PRIME at PRIME_COMMIT --------------------------------------
@@ -199,11 +212,13 @@ def test_the_prm_learns_the_labels_and_its_state_round_trips_exactly(saved_small
     first = algo.update(policy, batch)
     assert first["prime/reward_mean"] == 0.0 and first["prime/accuracy"] == 0.5  # the PRM starts as the reference
     assert first["prime/loss"] == pytest.approx(math.log(2)) and first["prime/pairwise_accuracy"] == 0.0  # all tied
+    assert first["prime/auc"] == 0.5  # ties count 1/2
     assert algo.advantages(batch).shape == (4, max(len(c) for c in batch.completion_ids))
 
     saved_state, saved_weights = copy.deepcopy(algo.state_dict()), copy.deepcopy(policy.model.state_dict())
     later = [algo.update(policy, batch) for _ in range(3)]
     assert later[-1]["prime/loss"] < first["prime/loss"] and later[-1]["prime/accuracy"] == 1.0
+    assert later[-1]["prime/auc"] == 1.0
 
     resumed_policy = small_policy(saved_small_policy)
     resumed_policy.model.load_state_dict(saved_weights)

@@ -1,4 +1,5 @@
-"""Sweeps: the submitit_local launcher end to end, the sweep summary, and the SLURM launcher config."""
+"""Sweeps: the submitit_local and parallel (joblib) launchers end to end, the sweep summary, and the SLURM
+launcher config."""
 
 from __future__ import annotations
 
@@ -113,3 +114,26 @@ def test_submitit_local_multirun_runs_two_jobs_with_metrics(tmp_path: Path):
     table = json.loads((sweep / "sweep_summary.json").read_text())  # written by the multirun-end callback
     assert [(r["job"], r["overrides"], r["state"]) for r in table] == [
         ("0", ["run.seed=0"], "done"), ("1", ["run.seed=1"], "done")]
+
+
+@pytest.mark.slow
+def test_parallel_launcher_runs_two_jobs_at_the_same_time(tmp_path: Path):
+    """hydra/launcher=parallel (conf/hydra/launcher/parallel.yaml): each job in its own process, two at once,
+    so one job starts before the other has finished (a sequential launcher never overlaps them)."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "rewardlab", "train", "-m", "hydra/launcher=parallel", "logger=none",
+           "run.iterations=1", "run.eval_size=4", "run.prompts_per_iteration=2", "algo.samples_per_prompt=2",
+           "run.threads=1", "run.seed=0,1", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spans = []
+    for job in ("0", "1"):
+        rows = [json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in rows] == [0, 1] and "reward/mean" in rows[1]
+        hydra_cfg = yaml.safe_load((sweep / job / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        assert hydra_cfg["launcher"]["_target_"].endswith("JoblibLauncher") and hydra_cfg["launcher"]["n_jobs"] == 2
+        spans.append(((sweep / job / ".hydra" / "overrides.yaml").stat().st_mtime,
+                      (sweep / job / "summary.json").stat().st_mtime))
+    assert max(start for start, _ in spans) < min(end for _, end in spans)  # the two runs overlapped
+    table = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [(r["job"], r["state"]) for r in table] == [("0", "done"), ("1", "done")]

@@ -102,6 +102,22 @@ def pairwise_accuracy(sequence: torch.Tensor, labels: torch.Tensor, groups: torc
     return sum(scores) / len(scores)
 
 
+def group_auc(sequence: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> float | None:
+    """The within-group AUC: over the groups holding both a right and a wrong rollout, the share of (right,
+    wrong) pairs that r_phi orders right (a tie counts 1/2), averaged over those groups; None when no group
+    is mixed. A constant or random scorer gets 0.5 whatever the share of right answers, unlike the sign
+    accuracy (which a PRM calling everything right passes at the base rate) and PRIME's pairwise figure
+    (which counts ties as wrong in one order and right in the other, and all-equal groups as 0.5)."""
+    scores = []
+    for g in range(int(groups.max()) + 1):
+        rows = (groups == g).nonzero().squeeze(-1)
+        right, wrong = sequence[rows][labels[rows] > 0.5], sequence[rows][labels[rows] <= 0.5]
+        if len(right) and len(wrong):
+            gap = right[:, None] - wrong[None, :]
+            scores.append(float((gap > 0).float().mean() + 0.5 * (gap == 0).float().mean()))
+    return sum(scores) / len(scores) if scores else None
+
+
 def batch_normalize(token_rewards: torch.Tensor) -> torch.Tensor:
     """PRIME's `batch_norm`: token rewards over (the largest |return-to-go| in the batch + 1e-6), so no
     process return exceeds 1 in size; the statistic is over every rank's rows."""
@@ -288,6 +304,9 @@ class Prime(PolicyGradient):
         index = {pid: i for i, pid in enumerate(batch.groups())}
         groups = torch.tensor([index[p] for p in batch.prompt_id])
         metrics["prime/pairwise_accuracy"] = pairwise_accuracy(sequence.cpu(), labels.cpu(), groups)
+        auc = group_auc(sequence.cpu(), labels.cpu(), groups)
+        if auc is not None:  # no group holds both a right and a wrong rollout: nothing to rank
+            metrics["prime/auc"] = auc
         if self.settings.norm == "batch_norm":
             token_rewards = batch_normalize(token_rewards)
         outcome = torch.tensor(batch.reward, dtype=torch.float32)
