@@ -1,7 +1,8 @@
-"""Peak memory of one policy-gradient update on a model with a large vocabulary: TRL's fused LM head (what
-rewardlab.algos.losses uses on CUDA from a 32,768-word vocabulary on; forced onto the CPU here), the chunked
-selective log-softmax over the model's logits (rewardlab's path elsewhere), and the full-vocabulary fp32
-log_softmax both replaced.
+"""Peak memory of one policy-gradient update on a model with a large vocabulary: `head`, the LM head projected
+and log-softmaxed a block of tokens at a time (rewardlab.algos.losses.HeadLogSoftmax, its path off CUDA from a
+32,768-word vocabulary on); TRL's fused LM head (rewardlab's path on CUDA; forced onto the CPU here); the
+chunked selective log-softmax over the model's logits (`chunked`, the CPU path before `head`); and the
+full-vocabulary fp32 log_softmax they all replaced.
 
 A Llama of tiny depth (1 layer, hidden 64) with Qwen2.5's vocabulary (151,936) and random weights, so the
 logits dominate; one `PolicyGradient.update` (defaults: one micro-batch of every row, beta 0) on random
@@ -54,7 +55,7 @@ def measure(formula: str, rows: int, completion: int, vocab: int, hidden: int, d
     torch.manual_seed(0)
     if formula == "fused":  # TRL's fused head (on CPU too, where rewardlab does not use it by default)
         losses.FUSED_HEAD_DEVICES = ("cuda", "cpu")
-    else:  # the logits path, at any vocabulary
+    elif formula != "head":  # the logits path, at any vocabulary ("head": rewardlab's default on CPU)
         losses.FUSED_HEAD_MIN_VOCAB = 1 << 62
     if formula == "full":
         losses.selective_logprobs = full_formula
@@ -99,7 +100,7 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.rows, args.completion, args.vocab, args.hidden, args.dtype)))
         return
     results = []
-    for formula in ("full", "chunked", "fused"):
+    for formula in ("full", "chunked", "head", "fused"):
         cmd = [sys.executable, __file__, "--child", formula, "--rows", str(args.rows), "--completion",
                str(args.completion), "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--dtype", args.dtype]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]

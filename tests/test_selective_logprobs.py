@@ -118,3 +118,48 @@ def test_the_fused_head_at_a_large_vocabulary_equals_the_logits_path(monkeypatch
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
     with torch.no_grad():  # decoding calls the forward without fused_lm_head: the original logits
         torch.testing.assert_close(patched(input_ids=ids).logits, models[1](input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("tied,bias", [(True, False), (False, True)])
+def test_the_chunked_head_on_cpu_equals_the_logits_path_and_keeps_no_logits(monkeypatch, tied, bias):
+    """At a large vocabulary on CPU, token_logprobs projects the head block by block (HeadLogSoftmax): the
+    log-probs, entropy and every parameter gradient of the logits path, with several blocks per row, and no
+    tensor of the logits' size saved for backward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 3 * (losses.FUSED_HEAD_MIN_VOCAB + 7))  # 3 tokens per block
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=losses.FUSED_HEAD_MIN_VOCAB + 7, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    models = [LlamaForCausalLM(config) for _ in range(2)]
+    if bias:  # a head with a bias term (as some models have)
+        for m in models:
+            m.lm_head.bias = torch.nn.Parameter(torch.zeros(config.vocab_size))
+        torch.nn.init.normal_(models[0].lm_head.bias)
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(0, config.vocab_size, (3, 9))
+    attention = torch.ones_like(ids)
+    attention[0, :2] = 0  # a left-padded prompt
+    attention[2, -3:] = 0  # a shorter completion, right-padded
+    t = losses.Tensors(ids, attention, (attention.cumsum(1) - 1).clamp(min=0), attention[:, -5:].float(), 5)
+    weights = torch.randn(3, 5)
+    results = []
+    for model, minimum in zip(models, [losses.FUSED_HEAD_MIN_VOCAB, 10**9]):
+        monkeypatch.setattr(losses, "FUSED_HEAD_MIN_VOCAB", minimum)
+        assert (losses.chunked_head(model) is not None) == (minimum < 10**9)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+            logps, entropy = losses.token_logprobs(model, t, slice(None), 0.7, with_entropy=True)
+        (logps * weights * t.completion_mask).sum().backward()
+        with torch.no_grad():
+            again = losses.token_logprobs(model, t, slice(None), 0.7)[0]
+        results.append((logps, entropy, again, max(saved)))
+    (head, head_entropy, head_again, head_saved), (plain, plain_entropy, plain_again, plain_saved) = results
+    torch.testing.assert_close(head, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head_entropy, plain_entropy, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(head_again, plain_again, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        scale = float(q.grad.abs().max())  # fp32 sums in another order: equal to ~1e-6 of the largest entry
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
+    logits_size = 3 * 6 * config.vocab_size
+    assert plain_saved >= logits_size > head_saved  # the logits path keeps its logits; the head keeps none

@@ -112,25 +112,132 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature:
     return logps, ent
 
 
-FUSED_HEAD_MIN_VOCAB = 32_768  # from this vocabulary size on, log-probs come from TRL's fused LM head ...
-FUSED_HEAD_DEVICES = ("cuda",)  # ... on these devices: elsewhere TRL folds 4096 x 32768 fp32 tiles in torch ops,
-# which measured no smaller than the chunked path below and twice as slow on CPU (BENCHMARKS.md section 6)
+FUSED_HEAD_MIN_VOCAB = 32_768  # from this vocabulary size on, no (n, C, V) logits are made: TRL's fused LM head ...
+FUSED_HEAD_DEVICES = ("cuda",)  # ... on these devices (its Triton kernel), `HeadLogSoftmax` elsewhere (on CPU TRL
+# folds 4096 x 32768 fp32 tiles in torch ops with full-tile temporaries: no smaller, twice as slow, BENCHMARKS.md)
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
 
 
-def fused_head(model, temperature: float):
-    """The causal LM inside `model` (DDP's or DeepSpeed's `.module`, PEFT's base model) with TRL's fused LM
-    head (`trl.trainer.utils.add_fused_lm_head`, what GRPOTrainer uses) added for `temperature`, or None
-    where the plain path is used: a small vocabulary, whose logits cost little and one matmul is faster; a
-    device where TRL has no Triton kernel for it (FUSED_HEAD_DEVICES); no
-    output embeddings; or a head already added for another temperature. The fused head projects the hidden
-    states through the LM head in tiles and keeps no (n, C, V) logits in either pass: at a 151,936-word
-    vocabulary the logits and their gradient are 2.5 GB per 8 rows of 256 tokens in fp32. Without
-    `fused_lm_head=True` the model's forward is the original one, so decoding is unchanged."""
+class HeadLogSoftmax(torch.autograd.Function):
+    """log softmax((hidden @ weight.T + bias) / T) at `targets`: the LM head's projection, the chunked
+    selective log-softmax above and its backward done a block of tokens (CHUNK_ELEMENTS logits) at a time,
+    recomputing each block's logits in backward, so neither pass holds more than one block of logits. Written
+    here because TRL's `ChunkedLogProbFunction` (the same idea) has only a Triton kernel, and on CPU its torch
+    fallback makes several full-tile temporaries and scores every prompt position. `hidden` (n, C, H) is the
+    head's input at the positions that predict `targets` (n, C); fp32 log-probs, optionally the entropy (no
+    gradient). The weight's gradient is accumulated in one tensor of its shape and dtype (fp32 here: exact)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                temperature: float, entropy: bool):
+        flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        logps = torch.empty(flat.shape[0], device=hidden.device, dtype=torch.float32)
+        lse = torch.empty_like(logps)
+        ent = torch.empty_like(logps) if entropy else None
+        with torch.no_grad():
+            for block in _token_blocks(flat.shape[0], weight.shape[0]):
+                z = _project(flat[block], weight, bias, temperature)
+                lse[block] = z.logsumexp(-1)
+                logps[block] = z.gather(-1, flat_targets[block, None]).squeeze(-1) - lse[block]
+                if ent is not None:
+                    logp = z.sub_(lse[block, None])
+                    ent[block] = -logp.exp().mul_(logp).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature = temperature
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return logps.view(targets.shape), None if ent is None else ent.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_entropy: torch.Tensor | None):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        scaled = grad.reshape(-1, 1) / ctx.temperature  # d log p / d logit = (one-hot - softmax) / T
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(flat) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_bias = torch.zeros_like(bias) if want_bias else None
+        for block in _token_blocks(flat.shape[0], weight.shape[0]):
+            g = scaled[block]
+            p = _project(flat[block], weight, bias, ctx.temperature).sub_(lse[block, None]).exp_()
+            d = p.mul_(-g).scatter_add_(-1, flat_targets[block, None], g).to(weight.dtype)  # d loss / d logits
+            if grad_hidden is not None:
+                torch.mm(d, weight, out=grad_hidden[block])
+            if grad_weight is not None:
+                grad_weight.addmm_(d.t(), flat[block])
+            if grad_bias is not None:
+                grad_bias += d.sum(0)
+        return (None if grad_hidden is None else grad_hidden.view(hidden.shape)), grad_weight, grad_bias, None, \
+            None, None
+
+
+def _token_blocks(tokens: int, V: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // V)
+    return [slice(s, min(s + step, tokens)) for s in range(0, tokens, step)]
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+             ) -> torch.Tensor:
+    """One block's logits / T in fp32, in a fresh tensor (edited in place by the callers)."""
+    z = torch.nn.functional.linear(hidden, weight, bias)
+    return z.div_(temperature) if z.dtype == torch.float32 else z.float().div_(temperature)
+
+
+def _inner(model):
+    """The causal LM inside `model`: DDP's or DeepSpeed's `.module`, PEFT's base model."""
     inner = model
     while isinstance(getattr(inner, "module", None), torch.nn.Module):
         inner = inner.module
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def chunked_head(model) -> torch.nn.Linear | None:
+    """The LM head of `model` when log-probs come from `HeadLogSoftmax`: a large vocabulary (its logits cost
+    1.2 GB per 8 rows of 256 tokens in fp32, and as much again for their gradient) off FUSED_HEAD_DEVICES, a
+    plain `nn.Linear` with whole weights (not FSDP's DTensor nor ZeRO-3's partition) whose output the model
+    returns as its logits (no soft-capping or scaling after it); otherwise None (the logits path)."""
+    inner = _inner(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.weight.shape[0] < FUSED_HEAD_MIN_VOCAB:
+        return None
+    weight = head.weight
+    config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    if (weight.device.type in FUSED_HEAD_DEVICES or type(weight.data) is not torch.Tensor or hasattr(weight, "ds_id")
+            or any(getattr(config, name, None) not in (None, 1.0) for name in SCALED_LOGITS)):
+        return None
+    return head
+
+
+def head_input(model, head: torch.nn.Linear, keep: int, **inputs) -> torch.Tensor:
+    """The input (n, keep, H) of `head` in `model`'s forward on `inputs`, without its logits: a pre-hook takes
+    the hidden states the model hands its head for the last `keep` positions and gives the head none of them
+    (it returns (n, 0, V) logits). The call goes through `model` itself, so DDP, DeepSpeed and PEFT wrappers,
+    activation checkpointing and the graph to the hidden states stay as they are."""
+    taken: list[torch.Tensor] = []
+
+    def take(_module, args):
+        taken.append(args[0])
+        return (args[0][:, :0],) + args[1:]
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        model(**inputs, logits_to_keep=keep)
+    finally:
+        handle.remove()
+    if len(taken) != 1:
+        raise RuntimeError(f"the model called its LM head {len(taken)} times in one forward; expected once")
+    return taken[0]
+
+
+def fused_head(model, temperature: float):
+    """The causal LM inside `model` with TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`, what
+    GRPOTrainer uses) added for `temperature`, or None where another path is used: a small vocabulary, whose
+    logits cost little and one matmul is faster; a device where TRL has no Triton kernel for it
+    (FUSED_HEAD_DEVICES; `chunked_head` there); no output embeddings; or a head already added for another
+    temperature. The fused head projects the hidden states through the LM head in tiles and keeps no
+    (n, C, V) logits in either pass. Without `fused_lm_head=True` the model's forward is the original one, so
+    decoding is unchanged."""
+    inner = _inner(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is None or head.weight.shape[0] < FUSED_HEAD_MIN_VOCAB or head.weight.device.type not in FUSED_HEAD_DEVICES:
         return None
@@ -146,9 +253,10 @@ def fused_head(model, temperature: float):
 def token_logprobs(model, t: Tensors, rows: torch.Tensor | slice, temperature: float,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (n, C) of the completion tokens under `model`, and optionally per-token entropy. At a
-    large vocabulary through the fused head (`fused_head`); otherwise the model returns logits for the
-    last C + 1 positions only, and the only (n, C + 1, V) tensors are those logits (kept for backward)
-    and, in backward, their gradient."""
+    large vocabulary through TRL's fused head (`fused_head`, CUDA) or `HeadLogSoftmax` (`chunked_head`,
+    elsewhere): no (n, C + 1, V) logits in either pass. Otherwise the model returns logits for the last C + 1
+    positions only, and the only (n, C + 1, V) tensors are those logits (kept for backward) and, in backward,
+    their gradient."""
     C = t.completion_width
     ids, attention, positions = t.input_ids[rows], t.attention_mask[rows], t.position_ids[rows]
     if fused_head(model, temperature) is not None:
@@ -157,6 +265,12 @@ def token_logprobs(model, t: Tensors, rows: torch.Tensor | slice, temperature: f
         out = model(input_ids=ids, attention_mask=attention, position_ids=positions, labels=labels,
                     fused_lm_head=True)
         return out.log_probs[:, -C:], out.entropy[:, -C:].detach() if with_entropy else None
+    head = chunked_head(model)
+    if head is not None:
+        hidden = head_input(model, head, C + 1, input_ids=ids, attention_mask=attention, position_ids=positions)
+        logps, entropy = HeadLogSoftmax.apply(hidden[:, :-1], head.weight, head.bias, ids[:, -C:], temperature,
+                                              with_entropy)
+        return logps, entropy
     logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=C + 1).logits
     return selective_logprobs(logits, ids[:, -C:], temperature, with_entropy)
 
