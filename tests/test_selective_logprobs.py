@@ -87,23 +87,34 @@ def test_backward_keeps_only_the_logits_themselves(dtype):
                for s in saved)  # the check above can fail: the old formula trips it
 
 
-def test_the_fused_head_at_a_large_vocabulary_equals_the_logits_path(monkeypatch):
-    """token_logprobs through TRL's fused LM head (vocabulary >= FUSED_HEAD_MIN_VOCAB) gives the log-probs,
-    entropy and parameter gradients of the plain logits path, and leaves the model's ordinary forward alone."""
+def _twins_and_batch(tied: bool, bias: bool = False):
+    """Two identical one-layer Llama models at a vocabulary just over FUSED_HEAD_MIN_VOCAB (the second to run the
+    logits path beside the first), and a batch of 3 rows x 9 tokens with a left-padded prompt and a right-padded
+    completion (5 completion positions), with random per-token loss weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    monkeypatch.setattr(losses, "FUSED_HEAD_DEVICES", ("cuda", "cpu"))  # on CPU only when asked (slower there)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=losses.FUSED_HEAD_MIN_VOCAB + 7, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
     models = [LlamaForCausalLM(config) for _ in range(2)]
+    if bias:  # a head with a bias term (as some models have)
+        for m in models:
+            m.lm_head.bias = torch.nn.Parameter(torch.zeros(config.vocab_size))
+        torch.nn.init.normal_(models[0].lm_head.bias)
     models[1].load_state_dict(models[0].state_dict())
     ids = torch.randint(0, config.vocab_size, (3, 9))
     attention = torch.ones_like(ids)
     attention[0, :2] = 0  # a left-padded prompt
     attention[2, -3:] = 0  # a shorter completion, right-padded
     t = losses.Tensors(ids, attention, (attention.cumsum(1) - 1).clamp(min=0), attention[:, -5:].float(), 5)
-    weights = torch.randn(3, 5)
+    return models, config, ids, t, torch.randn(3, 5)
+
+
+def test_the_fused_head_at_a_large_vocabulary_equals_the_logits_path(monkeypatch):
+    """token_logprobs through TRL's fused LM head (vocabulary >= FUSED_HEAD_MIN_VOCAB) gives the log-probs,
+    entropy and parameter gradients of the plain logits path, and leaves the model's ordinary forward alone."""
+    monkeypatch.setattr(losses, "FUSED_HEAD_DEVICES", ("cuda", "cpu"))  # on CPU only when asked (slower there)
+    models, config, ids, t, weights = _twins_and_batch(tied=True)
     results = []
     for model, minimum in zip(models, [losses.FUSED_HEAD_MIN_VOCAB, 10**9]):
         monkeypatch.setattr(losses, "FUSED_HEAD_MIN_VOCAB", minimum)
@@ -125,24 +136,8 @@ def test_the_chunked_head_on_cpu_equals_the_logits_path_and_keeps_no_logits(monk
     """At a large vocabulary on CPU, token_logprobs projects the head block by block (HeadLogSoftmax): the
     log-probs, entropy and every parameter gradient of the logits path, with several blocks per row, and no
     tensor of the logits' size saved for backward."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 3 * (losses.FUSED_HEAD_MIN_VOCAB + 7))  # 3 tokens per block
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=losses.FUSED_HEAD_MIN_VOCAB + 7, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
-    models = [LlamaForCausalLM(config) for _ in range(2)]
-    if bias:  # a head with a bias term (as some models have)
-        for m in models:
-            m.lm_head.bias = torch.nn.Parameter(torch.zeros(config.vocab_size))
-        torch.nn.init.normal_(models[0].lm_head.bias)
-    models[1].load_state_dict(models[0].state_dict())
-    ids = torch.randint(0, config.vocab_size, (3, 9))
-    attention = torch.ones_like(ids)
-    attention[0, :2] = 0  # a left-padded prompt
-    attention[2, -3:] = 0  # a shorter completion, right-padded
-    t = losses.Tensors(ids, attention, (attention.cumsum(1) - 1).clamp(min=0), attention[:, -5:].float(), 5)
-    weights = torch.randn(3, 5)
+    models, config, _, t, weights = _twins_and_batch(tied=tied, bias=bias)
     results = []
     for model, minimum in zip(models, [losses.FUSED_HEAD_MIN_VOCAB, 10**9]):
         monkeypatch.setattr(losses, "FUSED_HEAD_MIN_VOCAB", minimum)

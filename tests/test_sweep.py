@@ -98,17 +98,29 @@ def test_requeue_reruns_the_same_job_into_the_same_directory():
     assert again.function is launcher and again.args == args
 
 
-@pytest.mark.slow
-def test_submitit_local_multirun_runs_two_jobs_with_metrics(tmp_path: Path):
+def _two_seed_multirun(tmp_path: Path, launcher: str) -> Path:
+    """`rewardlab train -m` over run.seed=0,1 (one tiny iteration each) through `hydra/launcher=<launcher>`;
+    returns the sweep directory after checking the command succeeded."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "rewardlab", "train", "-m", "hydra/launcher=submitit_local", "logger=none",
+    cmd = [sys.executable, "-m", "rewardlab", "train", "-m", f"hydra/launcher={launcher}", "logger=none",
            "run.iterations=1", "run.eval_size=4", "run.prompts_per_iteration=2", "algo.samples_per_prompt=2",
            "run.threads=1", "run.seed=0,1", f"hydra.sweep.dir={sweep}"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    return sweep
+
+
+def _check_one_iteration(job_dir: Path) -> None:
+    """The job logged its evaluation row and one trained iteration."""
+    rows = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1] and "reward/mean" in rows[1]
+
+
+@pytest.mark.slow
+def test_submitit_local_multirun_runs_two_jobs_with_metrics(tmp_path: Path):
+    sweep = _two_seed_multirun(tmp_path, "submitit_local")
     for job in ("0", "1"):
-        rows = [json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
-        assert [r["iteration"] for r in rows] == [0, 1] and "reward/mean" in rows[1]
+        _check_one_iteration(sweep / job)
         assert (sweep / job / "summary.json").exists()
     assert list((sweep / ".submitit").iterdir())  # the jobs went through submitit
     table = json.loads((sweep / "sweep_summary.json").read_text())  # written by the multirun-end callback
@@ -120,16 +132,10 @@ def test_submitit_local_multirun_runs_two_jobs_with_metrics(tmp_path: Path):
 def test_parallel_launcher_runs_two_jobs_at_the_same_time(tmp_path: Path):
     """hydra/launcher=parallel (conf/hydra/launcher/parallel.yaml): each job in its own process, two at once,
     so one job starts before the other has finished (a sequential launcher never overlaps them)."""
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "rewardlab", "train", "-m", "hydra/launcher=parallel", "logger=none",
-           "run.iterations=1", "run.eval_size=4", "run.prompts_per_iteration=2", "algo.samples_per_prompt=2",
-           "run.threads=1", "run.seed=0,1", f"hydra.sweep.dir={sweep}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = _two_seed_multirun(tmp_path, "parallel")
     spans = []
     for job in ("0", "1"):
-        rows = [json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
-        assert [r["iteration"] for r in rows] == [0, 1] and "reward/mean" in rows[1]
+        _check_one_iteration(sweep / job)
         hydra_cfg = yaml.safe_load((sweep / job / ".hydra" / "hydra.yaml").read_text())["hydra"]
         assert hydra_cfg["launcher"]["_target_"].endswith("JoblibLauncher") and hydra_cfg["launcher"]["n_jobs"] == 2
         spans.append(((sweep / job / ".hydra" / "overrides.yaml").stat().st_mtime,
