@@ -191,13 +191,18 @@ def _inner(model):
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
+def _output_head(inner):
+    """The LM head of an unwrapped causal LM, or None where it has none."""
+    return inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+
+
 def chunked_head(model) -> torch.nn.Linear | None:
     """The LM head of `model` when log-probs come from `HeadLogSoftmax`: a large vocabulary (its logits cost
     1.2 GB per 8 rows of 256 tokens in fp32, and as much again for their gradient) off FUSED_HEAD_DEVICES, a
     plain `nn.Linear` with whole weights (not FSDP's DTensor nor ZeRO-3's partition) whose output the model
     returns as its logits (no soft-capping or scaling after it); otherwise None (the logits path)."""
     inner = _inner(model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    head = _output_head(inner)
     if type(head) is not torch.nn.Linear or head.weight.shape[0] < FUSED_HEAD_MIN_VOCAB:
         return None
     weight = head.weight
@@ -238,7 +243,7 @@ def fused_head(model, temperature: float):
     (n, C, V) logits in either pass. Without `fused_lm_head=True` the model's forward is the original one, so
     decoding is unchanged."""
     inner = _inner(model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    head = _output_head(inner)
     if head is None or head.weight.shape[0] < FUSED_HEAD_MIN_VOCAB or head.weight.device.type not in FUSED_HEAD_DEVICES:
         return None
     patched = inner.__dict__.get("_rewardlab_fused_temperature")
