@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rewardlab import sharded_checkpoint
 from rewardlab.distributed import data_parallel, no_sync
 from rewardlab.errors import UserError
+from rewardlab.heap import release_free_heap
 from rewardlab.sharding import DeepSpeed, FSDP, load_optimizer_state, micro_steps, optimizer_state
 
 
@@ -95,6 +96,8 @@ class Auxiliary:
             return self.deepspeed.step()
         limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+        if not self.optimizer.state:  # the first step allocates AdamW's state: on a trimmed heap (rewardlab/heap.py)
+            release_free_heap()
         self.optimizer.step()
         if not isinstance(self.trained, DistributedDataParallel):  # free them until the next step (DDP's: buckets)
             self.optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rewardlab.algos.packing import SCALED_LOGITS, packable, packed_head_input
 from rewardlab.errors import UserError
 from rewardlab.rollout import Batch
 
@@ -115,7 +116,6 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature:
 FUSED_HEAD_MIN_VOCAB = 32_768  # from this vocabulary size on, no (n, C, V) logits are made: TRL's fused LM head ...
 FUSED_HEAD_DEVICES = ("cuda",)  # ... on these devices (its Triton kernel), `HeadLogSoftmax` elsewhere (on CPU TRL
 # folds 4096 x 32768 fp32 tiles in torch ops with full-tile temporaries: no smaller, twice as slow, BENCHMARKS.md)
-SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
 
 
 class HeadLogSoftmax(torch.autograd.Function):
@@ -256,14 +256,23 @@ def fused_head(model, temperature: float):
 
 
 def token_logprobs(model, t: Tensors, rows: torch.Tensor | slice, temperature: float,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   with_entropy: bool = False, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (n, C) of the completion tokens under `model`, and optionally per-token entropy. At a
     large vocabulary through TRL's fused head (`fused_head`, CUDA) or `HeadLogSoftmax` (`chunked_head`,
     elsewhere): no (n, C + 1, V) logits in either pass. Otherwise the model returns logits for the last C + 1
     positions only, and the only (n, C + 1, V) tensors are those logits (kept for backward) and, in backward,
-    their gradient."""
+    their gradient. `packed`: the rows go through the model packed without padding where the model allows it
+    (`packing.packable`; equal results to rounding, fewer tokens)."""
     C = t.completion_width
     ids, attention, positions = t.input_ids[rows], t.attention_mask[rows], t.position_ids[rows]
+    inner = _inner(model)
+    if packed and fused_head(model, temperature) is None and packable(inner) and \
+            type(inner.get_output_embeddings().weight.data) is torch.Tensor:
+        hidden = packed_head_input(model, inner, ids, attention, C + 1)
+        head = chunked_head(model)
+        if head is not None:
+            return HeadLogSoftmax.apply(hidden[:, :-1], head.weight, head.bias, ids[:, -C:], temperature, with_entropy)
+        return selective_logprobs(inner.get_output_embeddings()(hidden), ids[:, -C:], temperature, with_entropy)
     if fused_head(model, temperature) is not None:
         labels = ids.masked_fill(attention == 0, -100)
         labels[:, :-C] = -100  # only the completion is scored

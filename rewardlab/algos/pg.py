@@ -24,6 +24,7 @@ from rewardlab.algos.losses import Tensors, aggregate, clipped_loss, to_tensors,
 from rewardlab.config import schema
 from rewardlab.distributed import any_rank, data_parallel, no_sync
 from rewardlab.errors import UserError
+from rewardlab.heap import release_free_heap
 from rewardlab.sharding import DeepSpeed, is_sharded, load_optimizer_state, micro_steps, optimizer_state
 from rewardlab.rollout import Batch
 from rewardlab.steps import step_char_ends, step_token_ends
@@ -54,6 +55,7 @@ class PGConfig:
     minibatch_size: int = 32  # completions per optimizer step (several steps per batch); 0 = the whole batch
     micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation)
     micro_batch_tokens: int = 0  # cap on padded tokens per forward/backward (fewer rows for long ones); 0: none
+    padding_free: bool = True  # pack each micro-batch's rows without padding where the model allows (algos/packing.py)
     loss_agg: str = "sequence_mean"  # sequence_mean | token_mean | constant
     max_grad_norm: float = 1.0
     lr_schedule: str = "constant"  # constant | linear | cosine (over run.iterations)
@@ -226,6 +228,7 @@ class PolicyGradient:
             return skipped("every advantage is 0 (each group's rewards are all equal) and algo.beta=0: no gradient",
                            **{"advantage/abs_mean": 0.0})
         n = len(batch)
+        release_free_heap()  # what decoding freed, before the update's passes allocate (rewardlab/heap.py)
         if cfg.num_iterations > 1 or 0 < cfg.minibatch_size < n:
             with policy.full_weights():
                 old = self._old_logprobs(batch, model, t)
@@ -279,7 +282,8 @@ class PolicyGradient:
             micro = rows[start : start + micro_rows]
             m = mask[micro]
             with no_sync(model, last=index == padded - 1):  # DDP all-reduces on the last micro-batch only
-                logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=True)
+                logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=True,
+                                                 packed=cfg.padding_free)
                 old_logps = logps.detach() if old is None else old[micro]
                 token_loss, stats = clipped_loss(logps, old_logps, adv[micro], m, cfg.eps_low, cfg.eps_high,
                                                  self.kl_loss_coef, None if ref is None else ref[micro])
@@ -299,6 +303,8 @@ class PolicyGradient:
             totals["grad_norm"] = self._deepspeed.step()
             return totals
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if not self.optimizer.state:  # the first step allocates AdamW's state: on a trimmed heap (rewardlab/heap.py)
+            release_free_heap()
         self.optimizer.step()
         totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         return totals
@@ -326,7 +332,7 @@ class PolicyGradient:
         was_training = model.training
         model.eval()
         size = self._micro_rows(t)
-        chunks = [token_logprobs(model, t, slice(s, s + size), self.temperature)[0]
+        chunks = [token_logprobs(model, t, slice(s, s + size), self.temperature, packed=self.cfg.padding_free)[0]
                   for s in range(0, t.input_ids.shape[0], size)]
         model.train(was_training)
         return torch.cat(chunks)
