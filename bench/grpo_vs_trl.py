@@ -43,8 +43,10 @@ def rewardlab_run(args, seed: int) -> dict:
         train(cfg, Path(out))
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     work = sum(r["time/iteration"] - r.get("time/eval", 0.0) for r in rows[1:])
+    generate = sum(r.get("time/generate", 0.0) for r in rows[1:])
     completions = sum(r["rollouts"] for r in rows[1:])
-    return {"seconds": work, "completions": completions, "eval_accuracy": rows[-1]["eval/accuracy"],
+    return {"seconds": work, "generate_seconds": generate, "completions": completions,
+            "eval_accuracy": rows[-1]["eval/accuracy"],
             "optimizer_steps": int(sum(r.get("update/steps", 0) for r in rows[1:])),
             "start_accuracy": rows[0]["eval/accuracy"]}
 
@@ -86,13 +88,25 @@ def trl_run(args, seed: int) -> dict:
             gradient_checkpointing=False)
         trainer = GRPOTrainer(model=policy.model, reward_funcs=[correctness], args=config, train_dataset=data,
                               processing_class=policy.tokenizer)
+        generate, generating = policy.model.generate, [0.0]
+
+        def timed_generate(*a, **k):  # where TRL's time goes: decoding vs the rest (scoring, old log-probs, update)
+            began = time.perf_counter()
+            try:
+                return generate(*a, **k)
+            finally:
+                generating[0] += time.perf_counter() - began
+
+        policy.model.generate = timed_generate
         began = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - began
     policy.model.eval()
     test = task.test_examples()[: args.eval_size]
     accuracy = evaluate(HFGenerator(policy), test, task.answer_format)["eval/accuracy"]
-    return {"seconds": seconds, "completions": args.steps * args.prompts * args.group, "eval_accuracy": accuracy,
+    del policy.model.generate
+    return {"seconds": seconds, "generate_seconds": generating[0], "completions": args.steps * args.prompts * args.group,
+            "eval_accuracy": accuracy,
             "optimizer_steps": trainer.state.global_step}
 
 
@@ -130,6 +144,7 @@ def main() -> None:
         summary[f"{name}_completions_per_s_range"] = [min(rates), max(rates)]
         summary[f"{name}_eval_accuracy"] = statistics.median(accs)
         summary[f"{name}_eval_accuracy_all"] = accs
+        summary[f"{name}_generate_share"] = statistics.median(r["generate_seconds"] / r["seconds"] for r in runs)
     summary["start_eval_accuracy"] = results["rewardlab"][0]["start_accuracy"]
     summary["speedup"] = summary["rewardlab_completions_per_s"] / summary["trl_completions_per_s"]
     print(json.dumps(summary))
