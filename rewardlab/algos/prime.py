@@ -8,8 +8,10 @@ iteration, in the order of the paper's algorithm and its code (PRIME-RL/PRIME, `
 1. score: token reward r_t = beta * (log pi_phi(y_t) - log pi_ref(y_t)), sequence reward r_phi(y) = sum_t r_t;
    `prime/accuracy` compares sign(r_phi) with the gold label before the PRM has seen these rollouts, and
    `prime/pairwise_accuracy` (PRIME's own figure) how often r_phi orders a group's right and wrong ones;
-2. update the PRM by one optimizer step on the cross-entropy BCE(sigmoid(r_phi(y)), gold) (the same forward
-   pass gives the scores of step 1, as in PRIME's single-forward mode);
+2. update the PRM by `algo.prime.steps` optimizer steps (default one) on the cross-entropy
+   BCE(sigmoid(r_phi(y)), gold) over the rollouts of the groups whose share of right answers lies in
+   `algo.prime.accuracy_bounds` (PRIME's filter_accuracy; default all) (the first step's forward pass gives the
+   scores of step 1, as in PRIME's single-forward mode);
 3. advantages: token rewards divided by the batch's largest |return| (PRIME's `prime_norm=batch_norm`;
    this makes beta cancel out of the advantages), then RLOO returns computed separately on the process
    rewards (PRIME's baseline: the group's mean per-token reward, leave-one-out) and on the outcome reward
