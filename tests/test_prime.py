@@ -18,7 +18,7 @@ import torch
 
 from conftest import read_metrics, run_cli
 from rewardlab.algos import AlgoContext
-from rewardlab.algos.prime import (Prime, batch_normalize, cross_entropy, group_auc, implicit_rewards,
+from rewardlab.algos.prime import (Prime, accuracy_filter, batch_normalize, cross_entropy, group_auc, implicit_rewards,
                                    pairwise_accuracy, prime_advantages, process_rloo)
 from rewardlab.checkpoint import load_state
 from rewardlab.data.base import Example
@@ -229,6 +229,52 @@ def test_the_prm_learns_the_labels_and_its_state_round_trips_exactly(saved_small
         assert torch.equal(a, b)
 
 
+def test_the_accuracy_filter_keeps_the_groups_within_the_bounds_inclusive():
+    groups = torch.arange(5).repeat_interleave(5)
+    labels = torch.tensor([1.0 if i < k else 0.0 for k in (0, 1, 3, 4, 5) for i in range(5)])  # shares 0 .2 .6 .8 1
+    kept = accuracy_filter(labels, groups, (0.2, 0.8))
+    assert kept.tolist() == [0.0] * 5 + [1.0] * 15 + [0.0] * 5
+    assert accuracy_filter(labels, groups, (0.0, 1.0)).tolist() == [1.0] * 25
+
+
+def prm_weights(algo) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in algo.prm.parameters()]
+
+
+def test_the_prm_trains_only_on_kept_groups_and_takes_the_steps_asked(saved_small_policy):
+    tok = small_policy(saved_small_policy).tokenizer
+    mixed = make_batch(tok, [1.0, 0.0, 1.0, 1.0])  # group 1+2: one right, one wrong; group 3+4: all right
+    filtered = prime(accuracy_bounds=(0.2, 0.8))
+    metrics = filtered.update(small_policy(saved_small_policy), mixed)
+    assert metrics["prime/kept"] == 0.5
+    alone = prime()  # the same step on the mixed group's rows alone
+    alone.update(small_policy(saved_small_policy), mixed.select([0, 1]))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(prm_weights(filtered), prm_weights(alone)))
+    assert not all(torch.equal(a, b) for a, b in zip(prm_weights(filtered), prm_weights(prime_on(mixed, saved_small_policy))))
+
+    twice = prime(steps=2)
+    both = twice.update(small_policy(saved_small_policy), mixed)
+    once = prime()
+    policy = small_policy(saved_small_policy)
+    first = once.update(policy, mixed)
+    once.update(policy, mixed)  # the PRM's step depends on the rollouts, labels and reference, not the policy
+    assert both["prime/loss"] == first["prime/loss"] and both["prime/auc"] == first["prime/auc"]  # before any step
+    assert all(torch.equal(a, b) for a, b in zip(prm_weights(twice), prm_weights(once)))
+
+    none_kept = prime(accuracy_bounds=(0.2, 0.8))
+    policy = small_policy(saved_small_policy)
+    start = [p.detach().clone() for p in policy.model.parameters()]
+    metrics = none_kept.update(policy, make_batch(tok, [1.0, 1.0, 0.0, 0.0]))
+    assert metrics["prime/kept"] == 0.0 and "prime/loss" not in metrics and "prime/auc" not in metrics
+    assert all(torch.equal(a, b) for a, b in zip(prm_weights(none_kept), start))  # the PRM did not move
+
+
+def prime_on(batch, saved) -> Prime:
+    algo = prime()
+    algo.update(small_policy(saved), batch)
+    return algo
+
+
 def test_rows_without_references_and_bad_settings_are_refused(saved_small_policy):
     policy = small_policy(saved_small_policy)
     with pytest.raises(UserError, match="algo=prime trains its implicit PRM on outcome labels"):
@@ -238,6 +284,10 @@ def test_rows_without_references_and_bad_settings_are_refused(saved_small_policy
     prime().check_data([Example(id="0", prompt="1+1=?", answer="2")])
     with pytest.raises(UserError, match="algo.prime.norm='layer' is not one of batch_norm, none"):
         prime(norm="layer")
+    with pytest.raises(UserError, match=r"algo.prime.accuracy_bounds=\[0.8, 0.2\] must be \[lo, hi\]"):
+        prime(accuracy_bounds=(0.8, 0.2))
+    with pytest.raises(UserError, match="algo.prime.steps=0 must be at least 1"):
+        prime(steps=0)
     with pytest.raises(UserError, match="leave algo.credit"):
         Prime(AlgoContext(), credit="sum")
 

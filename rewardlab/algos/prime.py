@@ -8,8 +8,10 @@ iteration, in the order of the paper's algorithm and its code (PRIME-RL/PRIME, `
 1. score: token reward r_t = beta * (log pi_phi(y_t) - log pi_ref(y_t)), sequence reward r_phi(y) = sum_t r_t;
    `prime/accuracy` compares sign(r_phi) with the gold label before the PRM has seen these rollouts, and
    `prime/pairwise_accuracy` (PRIME's own figure) how often r_phi orders a group's right and wrong ones;
-2. update the PRM by one optimizer step on the cross-entropy BCE(sigmoid(r_phi(y)), gold) (the same forward
-   pass gives the scores of step 1, as in PRIME's single-forward mode);
+2. update the PRM by `algo.prime.steps` optimizer steps (default one) on the cross-entropy
+   BCE(sigmoid(r_phi(y)), gold) over the rollouts of the groups whose share of right answers lies in
+   `algo.prime.accuracy_bounds` (PRIME's filter_accuracy; default all) (the first step's forward pass gives the
+   scores of step 1, as in PRIME's single-forward mode);
 3. advantages: token rewards divided by the batch's largest |return| (PRIME's `prime_norm=batch_norm`;
    this makes beta cancel out of the advantages), then RLOO returns computed separately on the process
    rewards (PRIME's baseline: the group's mean per-token reward, leave-one-out) and on the outcome reward
@@ -56,6 +58,8 @@ class ImplicitPRMSettings:
     max_grad_norm: float = 10.0  # PRIME's prime_model.optim.grad_clip
     norm: str = "batch_norm"  # batch_norm (PRIME's prime_norm) | none
     micro_batch_size: int = 64  # rollouts per forward/backward of the PRM
+    accuracy_bounds: tuple = (0.0, 1.0)  # train on groups whose share of right rollouts is in [lo, hi] (PRIME: 0.2-0.8)
+    steps: int = 1  # PRM optimizer steps per iteration, each on all the kept rollouts
 
 
 @schema("algo", "prime")
@@ -118,6 +122,19 @@ def group_auc(sequence: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor
     return sum(scores) / len(scores) if scores else None
 
 
+def accuracy_filter(labels: torch.Tensor, groups: torch.Tensor, bounds: tuple) -> torch.Tensor:
+    """(N,) 1.0 for the rollouts whose group's share of right answers lies in [lo, hi] (bounds included), else
+    0.0: PRIME's `data.filter_accuracy` (its run script keeps 0.2-0.8), which trains the PRM on the groups that
+    hold both right and wrong answers, so the loss contrasts answers to one prompt rather than easy prompts
+    with hard ones."""
+    size = int(groups.max()) + 1
+    right = torch.zeros(size, dtype=labels.dtype).index_add_(0, groups, labels)
+    count = torch.zeros(size, dtype=labels.dtype).index_add_(0, groups, torch.ones_like(labels))
+    share = (right / count)[groups]
+    lo, hi = bounds
+    return ((share >= lo - 1e-9) & (share <= hi + 1e-9)).to(labels.dtype)
+
+
 def batch_normalize(token_rewards: torch.Tensor) -> torch.Tensor:
     """PRIME's `batch_norm`: token rewards over (the largest |return-to-go| in the batch + 1e-6), so no
     process return exceeds 1 in size; the statistic is over every rank's rows."""
@@ -177,6 +194,11 @@ class Prime(PolicyGradient):
             raise UserError(f"algo.prime.norm={self.settings.norm!r} is not one of {', '.join(NORMS)}")
         if self.settings.beta <= 0:
             raise UserError(f"algo.prime.beta={self.settings.beta} must be positive")
+        bounds = tuple(self.settings.accuracy_bounds)
+        if len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1] <= 1:
+            raise UserError(f"algo.prime.accuracy_bounds={list(bounds)} must be [lo, hi] with 0 <= lo <= hi <= 1")
+        if self.settings.steps < 1:
+            raise UserError(f"algo.prime.steps={self.settings.steps} must be at least 1")
         self.prm: torch.nn.Module | None = None
         self._prm: Auxiliary | None = None  # the PRM with its optimizer, trained under the launch
         self._prm_reference: torch.nn.Module | None = None  # only for algo.prime.model (else the policy's)
@@ -263,9 +285,24 @@ class Prime(PolicyGradient):
         with policy.reference() as reference, policy.full_weights(reference):
             return run(reference)
 
-    def _train_prm(self, t: Tensors, ref: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """One optimizer step on the mean cross-entropy; returns the PRM's log-probs before the step."""
+    @torch.no_grad()
+    def _prm_logprobs(self, t: Tensors) -> torch.Tensor:
+        """The PRM's token log-probs of every rollout, without a gradient (when it takes no step)."""
+        size = self.settings.micro_batch_size
+        with self._prm.full_weights():
+            return torch.cat([token_logprobs(self.prm, t, slice(s, s + size), 1.0)[0]
+                              for s in range(0, t.input_ids.shape[0], size)])
+
+    def _train_prm(self, t: Tensors, ref: torch.Tensor, labels: torch.Tensor,
+                   weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """`steps` optimizer steps on the cross-entropy averaged over the kept rollouts (weight 1) of every rank;
+        returns the PRM's log-probs of all rollouts before the first step (that step's own forward pass), and
+        the loss and gradient norm of the first step. When no rank kept a rollout the PRM does not move."""
         mask, n, size = t.completion_mask, t.input_ids.shape[0], self.settings.micro_batch_size
+        kept = float(_all_reduce(weights.sum().reshape(1))[0])
+        if kept == 0:
+            return self._prm_logprobs(t), {}
+        world = torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
         starts = list(range(0, n, size))
         logps: list[torch.Tensor] = []
         losses: list[float] = []
@@ -273,16 +310,19 @@ class Prime(PolicyGradient):
         def loss_of(index: int, real: bool) -> torch.Tensor:
             rows = slice(starts[index], starts[index] + size)
             lp = token_logprobs(self._prm.trained, t, rows, 1.0)[0]
-            loss = cross_entropy(lp, ref[rows], mask[rows], labels[rows], self.settings.beta).sum() / n
-            if real:
+            per_row = cross_entropy(lp, ref[rows], mask[rows], labels[rows], self.settings.beta)
+            loss = (per_row * weights[rows]).sum() * world / kept  # DDP averages the ranks' gradients
+            if real and not norms:  # the first step: the PRM has not yet seen these rollouts
                 logps.append(lp.detach())
                 losses.append(float(loss.detach()))
             return loss
 
+        norms: list[float] = []
         self._prm.trained.train()
-        norm = self._prm.train_step(len(starts), loss_of)
+        for _ in range(self.settings.steps):
+            norms.append(self._prm.train_step(len(starts), loss_of))
         self._prm.trained.eval()
-        return torch.cat(logps), {"prime/loss": sum(losses), "prime/grad_norm": norm}
+        return torch.cat(logps), {"prime/loss": sum(losses), "prime/grad_norm": norms[0]}
 
     def update(self, policy, batch: Batch) -> dict[str, float]:
         if batch.gold is None or any(g is None for g in batch.gold):
@@ -292,7 +332,11 @@ class Prime(PolicyGradient):
         mask = t.completion_mask
         labels = torch.tensor(batch.gold, dtype=torch.float32, device=policy.device)
         ref = self._reference_logprobs(policy, t)
-        logps, metrics = self._train_prm(t, ref, labels)
+        index = {pid: i for i, pid in enumerate(batch.groups())}
+        groups = torch.tensor([index[p] for p in batch.prompt_id])
+        weights = accuracy_filter(labels.cpu(), groups, tuple(self.settings.accuracy_bounds)).to(labels.device)
+        logps, metrics = self._train_prm(t, ref, labels, weights)
+        metrics["prime/kept"] = float(weights.mean())
         token_rewards = implicit_rewards(logps, ref, mask, self.settings.beta)  # before the PRM's step
         sequence = token_rewards.sum(-1)
         tokens = token_rewards[mask.bool()]
@@ -301,8 +345,6 @@ class Prime(PolicyGradient):
                         "prime/token_reward/mean": float(tokens.mean()), "prime/token_reward/std":
                         float(tokens.std()) if tokens.numel() > 1 else 0.0,
                         "prime/token_reward/max": float(tokens.max()), "prime/token_reward/min": float(tokens.min())})
-        index = {pid: i for i, pid in enumerate(batch.groups())}
-        groups = torch.tensor([index[p] for p in batch.prompt_id])
         metrics["prime/pairwise_accuracy"] = pairwise_accuracy(sequence.cpu(), labels.cpu(), groups)
         auc = group_auc(sequence.cpu(), labels.cpu(), groups)
         if auc is not None:  # no group holds both a right and a wrong rollout: nothing to rank
