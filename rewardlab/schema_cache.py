@@ -29,6 +29,8 @@ from typing import Any
 
 import omegaconf
 
+from rewardlab.cache import cache_root
+
 VERSION = 1  # of the file's layout
 
 
@@ -55,8 +57,7 @@ def fingerprint() -> str:
 
 
 def cache_file() -> Path:
-    root = Path(os.environ.get("REWARDLAB_CACHE") or Path.home() / ".cache" / "rewardlab")
-    return root / "schemas" / f"{_install()}-{fingerprint()}.json"
+    return cache_root() / "schemas" / f"{_install()}-{fingerprint()}.json"
 
 
 def _ref(cls: type) -> str:
