@@ -136,3 +136,18 @@ def test_an_edited_source_file_makes_the_cache_stale_and_the_next_write_replaces
     assert schema_cache.cache_file() != first and not schema_cache.load()  # stale: nothing stored
     schema_cache.write()
     assert schema_cache.cache_file().exists() and not first.exists()
+
+
+def test_the_real_schemas_replace_the_cached_stand_ins_for_the_run(schema_cache):
+    """The CLI checks overrides against the cached stand-ins and then runs with the real classes, also for
+    modules imported before the stand-ins were stored (register_schemas stores those again)."""
+    code = ("import rewardlab.algos.pg\nfrom rewardlab import config\n"
+            "assert config.register_cached_schemas()\n"
+            "before = sum(config._stored_class(*key) is node for key, node in config._declared.items())\n"
+            "config.register_schemas()\n"
+            "after = [config._stored_class(*key) is node for key, node in config._declared.items()]\n"
+            "print(before, sum(after), len(after))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=schema_cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, real, declared = map(int, done.stdout.split())
+    assert before == 0 and real == declared > 40
