@@ -85,6 +85,7 @@ def test_an_unreadable_cache_file_is_rebuilt_and_each_task_gets_its_own_lists(tm
     arith.splits.cache_clear()
     second = ArithTask(**settings).train_examples()
     assert second == first and second is not first
-    assert json.loads(path.read_text())["train"][0] == [first[0].id, first[0].prompt, first[0].answer, first[0].solution]
+    head = first[0]
+    assert json.loads(path.read_text())["train"][0] == [head.id, head.prompt, head.answer, head.solution]
     second.clear()  # a caller that changes its list changes no other task's
     assert ArithTask(**settings).train_examples() == first

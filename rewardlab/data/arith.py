@@ -118,11 +118,13 @@ def splits(args: tuple, train_size: int, test_size: int, seed: int) -> Splits:
     path = cache_file(args, train_size, test_size, seed)
     try:
         stored = json.loads(path.read_text())
-        return tuple(tuple(Example(*row) for row in stored[name]) for name in ("test", "train"))
-    except (OSError, ValueError, KeyError, TypeError):
+        return tuple(tuple(Example(id=i, prompt=p, answer=a, solution=s) for i, p, a, s in stored[name])
+                     for name in ("test", "train"))
+    except (OSError, ValueError, KeyError, TypeError):  # ValueError also for a row of the wrong length
         pass  # absent or unreadable: generate it again
     built = generate(args, train_size, test_size, seed)
-    rows = {name: [[e.id, e.prompt, e.answer, e.solution] for e in split] for name, split in zip(("test", "train"), built)}
+    rows = {name: [[e.id, e.prompt, e.answer, e.solution] for e in split]
+            for name, split in zip(("test", "train"), built)}
     try:
         write_text_atomic(path, json.dumps(rows))
     except OSError:
