@@ -290,5 +290,15 @@ def train_rm(ctx: typer.Context) -> None:
     _hydra("train_rm", list(ctx.args), _train_rm_task)
 
 
+def main() -> None:
+    """The `rewardlab` command and `python -m rewardlab`: the app, then a quick exit (quick_exit.py)."""
+    from rewardlab.cli.quick_exit import exit_now
+
+    try:
+        app(prog_name="rewardlab")
+    except SystemExit as stop:  # how the app always ends; an exception that escapes it keeps its traceback
+        exit_now(stop.code)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,3 +1,3 @@
-from rewardlab.cli.main import app
+from rewardlab.cli.main import main
 
-app(prog_name="rewardlab")
+main()

@@ -110,6 +110,17 @@ class EvalConfig:
     reward: Any = None  # what a search scores completions with; greedy needs none
 
 
+def _stored_class(group: str | None, name: str) -> type | None:
+    """The class of the schema the ConfigStore holds as `group/name` (None if none)."""
+    from omegaconf import OmegaConf
+
+    entries = ConfigStore.instance().repo
+    for part in group.split("/") if group else []:
+        entries = entries.get(part, {})
+    item = entries.get(f"{name}.yaml")
+    return None if item is None else OmegaConf.get_type(item.node)
+
+
 def register_schemas() -> None:
     """Store the top-level schemas and import every rewardlab module so `@schema` classes register."""
     global _registered
@@ -124,7 +135,8 @@ def register_schemas() -> None:
         if not module.name.startswith(_SKIP):
             importlib.import_module(module.name)
     for (group, name), node in _declared.items():  # modules imported earlier in this process declared theirs
-        store.store(group=group, name=name, node=node)  # before any cached stand-ins replaced them
+        if _stored_class(group, name) is not node:  # before any cached stand-ins replaced them
+            store.store(group=group, name=name, node=node)
     _registered = True
     from rewardlab import schema_cache
 

@@ -148,18 +148,19 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     task = instantiate(cfg.dataset)
-    policy = instantiate(cfg.policy, device=distributed.device_for(dist, cfg.run.device), log=console.print)
-    distributed.broadcast_parameters(dist, policy.model)  # LoRA adapters start the same on every rank
-    task.prepare(policy.tokenizer)
-    generator = instantiate(cfg.generation, policy=policy)
     reward = instantiate(cfg.reward)
-    reward.bind(policy)
-    context = AlgoContext(temperature=generator.sampling.temperature,
-                          max_new_tokens=generator.sampling.max_new_tokens,
+    # the algorithm checks its settings (against the reward too) before the policy loads, which takes seconds
+    context = AlgoContext(temperature=cfg.generation.sampling.temperature,
+                          max_new_tokens=cfg.generation.sampling.max_new_tokens,
                           total_iterations=cfg.run.iterations, seed=cfg.run.seed, reward=reward)
     algo = instantiate(cfg.algo, context=context)
     filters = [instantiate(f) for f in cfg.filters.values() if f is not None]
     distributed.check_algorithm(dist, algo)
+    policy = instantiate(cfg.policy, device=distributed.device_for(dist, cfg.run.device), log=console.print)
+    distributed.broadcast_parameters(dist, policy.model)  # LoRA adapters start the same on every rank
+    task.prepare(policy.tokenizer)
+    generator = instantiate(cfg.generation, policy=policy)
+    reward.bind(policy)
     logger = instantiate(cfg.logger) if dist.is_main else NullLogger()
 
     sampler = PromptSampler(task.train_examples(), seed=cfg.run.seed)

@@ -29,6 +29,8 @@ from typing import Any
 
 import omegaconf
 
+from rewardlab.cache import cache_root
+
 VERSION = 1  # of the file's layout
 
 
@@ -55,8 +57,7 @@ def fingerprint() -> str:
 
 
 def cache_file() -> Path:
-    root = Path(os.environ.get("REWARDLAB_CACHE") or Path.home() / ".cache" / "rewardlab")
-    return root / "schemas" / f"{_install()}-{fingerprint()}.json"
+    return cache_root() / "schemas" / f"{_install()}-{fingerprint()}.json"
 
 
 def _ref(cls: type) -> str:
@@ -209,11 +210,14 @@ def rebuild(description: dict[str, Any]) -> list[tuple[dict[str, Any], type]]:
 
 
 def write() -> None:
-    """Describe the registered schemas for later commands (after `register_schemas` imported them all).
-    A schema the cache cannot describe, or a cache directory that cannot be written, leaves no file."""
+    """Describe the registered schemas for later commands (after `register_schemas` imported them all), unless a
+    file for the same sources is there already. A schema the cache cannot describe, or a cache directory that
+    cannot be written, leaves no file."""
     try:
-        text = json.dumps(describe())
         path = cache_file()
+        if path.exists():  # written for these very sources
+            return
+        text = json.dumps(describe())
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(text)

@@ -136,3 +136,39 @@ def test_an_edited_source_file_makes_the_cache_stale_and_the_next_write_replaces
     assert schema_cache.cache_file() != first and not schema_cache.load()  # stale: nothing stored
     schema_cache.write()
     assert schema_cache.cache_file().exists() and not first.exists()
+
+
+def test_the_real_schemas_replace_the_cached_stand_ins_for_the_run(schema_cache):
+    """The CLI checks overrides against the cached stand-ins and then runs with the real classes, also for
+    modules imported before the stand-ins were stored (register_schemas stores those again)."""
+    code = ("import rewardlab.algos.pg\nfrom rewardlab import config\n"
+            "assert config.register_cached_schemas()\n"
+            "before = sum(config._stored_class(*key) is node for key, node in config._declared.items())\n"
+            "config.register_schemas()\n"
+            "after = [config._stored_class(*key) is node for key, node in config._declared.items()]\n"
+            "print(before, sum(after), len(after))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=schema_cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, real, declared = map(int, done.stdout.split())
+    assert before == 0 and real == declared > 40
+
+
+@pytest.mark.parametrize("code,status,message", [(None, 0, ""), (75, 75, ""), ("stopped", 1, "stopped\n")])
+def test_the_quick_exit_keeps_the_exit_code_the_exit_handlers_and_all_buffered_output(code, status, message):
+    """`rewardlab` ends with os._exit (cli/quick_exit.py): the status is SystemExit's, atexit handlers still run,
+    and what Python and C code printed into a pipe's buffers still comes out."""
+    program = ("import atexit, ctypes, sys\nfrom rewardlab.cli.quick_exit import exit_now\n"
+               "atexit.register(lambda: print('handler ran'))\n"
+               "print('from Python')\nctypes.CDLL(None).printf(b'from C\\n')\n"
+               f"exit_now({code!r})")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
+    assert (done.returncode, sorted(done.stdout.splitlines()), done.stderr) == (
+        status, ["from C", "from Python", "handler ran"], message)
+
+
+def test_the_quick_exit_waits_for_a_running_non_daemon_thread():
+    program = ("import threading, time\nfrom rewardlab.cli.quick_exit import exit_now\n"
+               "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\nexit_now(4)")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (4, "thread done\n")

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from rewardlab.cache import cache_root
 from rewardlab.data.arith import ArithTask
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
@@ -49,11 +50,6 @@ class TinyBuild:
     def key(self) -> str:
         blob = json.dumps({"v": BUILD_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def cache_root() -> Path:
-    """Where built models live: $REWARDLAB_CACHE, else ~/.cache/rewardlab."""
-    return Path(os.environ.get("REWARDLAB_CACHE", Path.home() / ".cache" / "rewardlab"))
 
 
 def build_tokenizer():
