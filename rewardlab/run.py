@@ -304,8 +304,24 @@ def evaluation_dataset(dataset: DictConfig) -> DictConfig:
 
 
 def evaluate_only(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """`rewardlab eval`: the policy's accuracy on the data set's test split, written to eval.json.
-    Only the test data is read (data/source.py reads a train split on first use)."""
+    """`rewardlab eval`: the policy's accuracy on the data set's test split, written to eval.json (with the
+    composed config.yaml). Only the test data is read (data/source.py reads a train split on first use). An
+    eval that fails leaves no directory it created (Launch, as `train` does)."""
+    launch = Launch()
+    launch.accept(run_dir, main=True)
+    try:
+        out, record = _evaluate(cfg)
+        launch.started = True
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_json_atomic(run_dir / "eval.json", record)
+    except BaseException:
+        launch.failed()
+        raise
+    return out
+
+
+def _evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     quiet_libraries(cfg.run.verbose)
     setup_torch(cfg.run)
     search = configured(cfg.get("search"), cfg.get("reward") is not None)
@@ -324,7 +340,5 @@ def evaluate_only(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     out = evaluate(generator, test_set, task.answer_format, list(cfg.run.eval_pass_k), cfg.run.eval_samples,
                    seed=eval_seed(cfg.run.seed, 0), search=search, reward=reward)
     out.update({"eval/size": float(len(test_set)), "time/eval": time.perf_counter() - began})
-    run_dir.mkdir(parents=True, exist_ok=True)
     named = {} if search is None else {"search": search.name, "reward": reward.name}
-    write_json_atomic(run_dir / "eval.json", {"policy": policy.source, **named, **out})
-    return out
+    return out, {"policy": policy.source, **named, **out}

@@ -101,6 +101,15 @@ def test_an_error_while_setting_up_leaves_no_run_directory(tiny_policy, tmp_path
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("command", ["eval", "label"])
+def test_eval_and_label_refused_in_their_task_leave_no_run_directory(command: str, tmp_path: Path):
+    """The policy is checked inside the Hydra task, after Hydra made the run directory: it goes again."""
+    run_dir = tmp_path / "run"
+    result = run_cli(command, f"policy.path={tmp_path / 'missing'}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2 and "does not exist" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not run_dir.exists()
+
+
 def test_a_failure_after_the_run_started_names_the_run_dir(tmp_path: Path, capsys):
     from rewardlab.run import Launch
 

@@ -290,6 +290,18 @@ def _progress():
 def label(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Label `label.prompts` prompts into `<run dir>/labels.jsonl` (continuing what is there); summary.json
     and metrics.jsonl hold the counts and, on arith, the agreement with the exact step checker."""
+    from rewardlab.run import Launch
+
+    launch = Launch()  # a job refused before it starts leaves no directory it created, as `train`
+    launch.accept(run_dir, main=True)
+    try:
+        return _label(cfg, run_dir, launch)
+    except BaseException:
+        launch.failed()
+        raise
+
+
+def _label(cfg: DictConfig, run_dir: Path, launch) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from rewardlab.data.arith import ArithTask
@@ -312,6 +324,7 @@ def label(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     task.prepare(policy.tokenizer)
     examples = list(task.train_examples())[:count]
     labeller = Labeller(instantiate(cfg.generation, policy=policy), settings, task.answer_format)
+    launch.started = True
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     path.touch()
     if start:
