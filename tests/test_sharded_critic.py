@@ -201,4 +201,7 @@ def test_a_sharded_critic_on_ranks_with_unequal_micro_batches_trains_as_data_par
     assert seen[0]["norms"] == seen[1]["norms"] and seen[0]["diff"] == seen[1]["diff"]  # ranks agree
     assert seen[0]["norms"]["fsdp"] == pytest.approx(seen[0]["norms"]["ddp"], rel=1e-5)
     assert seen[0]["keys"] and seen[0]["moved"] > 1e-4  # the step moved the weights...
-    assert seen[0]["diff"] < 1e-5  # ...the same way under both (sums in another order: not bit-equal)
+    # ...the same way under both. Not bit-equal: the sums run in another order, and AdamW's first step,
+    # lr x g / (|g| + eps), turns that rounding into up to ~1e-5-1e-4 where |g| is near eps (1.9e-5 measured on an
+    # AVX-512 Xeon, under 1e-5 on an AMD EPYC); a gradient of the wrong sign anywhere would differ by 2 x lr = 2e-2.
+    assert seen[0]["diff"] < 1e-4

@@ -120,7 +120,10 @@ def test_fsdp_shards_the_policy_and_trains_exactly_as_data_parallel(runs):
     assert all(n < 0.6 * total for n in summary["rank_local_params"])  # each rank holds about half
     assert json.loads((runs["ddp"] / "summary.json").read_text())["sharding"] == "none"
 
-    assert_same_metrics(rows(runs["ddp"]), rows(runs["fsdp"]))  # same samples, rewards, KL, losses, eval
+    # same samples, rewards, KL, losses, eval; FSDP sums the gradients in another order than DDP, so from the
+    # second iteration on the continuous metrics agree to rounding (grad_norm 1.3e-6 apart, relative, on an
+    # AVX-512 Xeon), not bit for bit
+    assert_same_metrics(rows(runs["ddp"]), rows(runs["fsdp"]), rel=1e-5)
     assert rows(runs["fsdp"])[1]["update/steps"] == 2.0 and "kl" in rows(runs["fsdp"])[1]
     assert_same_weights(final_weights(runs["ddp"]), final_weights(runs["fsdp"]))
     # each rank wrote its own shard of the weights and AdamW state (torch.distributed.checkpoint); nothing
