@@ -195,13 +195,16 @@ def score(ctx: typer.Context, input: Path = typer.Argument(..., help="JSONL file
 
 @app.command()
 def report(path: Path = typer.Argument(..., help="a run dir, or a multirun dir (its jobs overlaid)"),
-           out: Path = typer.Option(None, help="where the PNGs and report.md go (default: <path>/report)")) -> None:
+           out: Path = typer.Option(None, help="where the PNGs and report.md go (default: <path>/report)"),
+           seeds: str = typer.Option("mean", help="a multirun's seeds of one setting: mean (one curve, the seeds' "
+                                                  "range as a band, mean ± sd in the table) or each (a curve each)")
+           ) -> None:
     """Plot a run's metrics (reward per component, gold vs proxy, eval accuracy, KL, length, time per
     stage) as PNGs with a short report.md: `rewardlab report runs/2026-11-25/10-00-00`."""
     from rewardlab.report import write_report
 
     with user_errors():
-        typer.echo(f"report: {write_report(path, out)}")
+        typer.echo(f"report: {write_report(path, out, seeds)}")
 
 
 @app.command("sweep-summary")

@@ -1,14 +1,18 @@
 """`rewardlab report <dir>`: PNG plots of metrics.jsonl (matplotlib, Agg) and a short report.md.
 
 A run directory gets one curve per metric; a multirun directory gets every job's curves overlaid,
-labelled by the overrides that differ between jobs. Panels whose metrics a run never logged (KL with
+labelled by the overrides that differ between jobs. A multirun that repeats settings over seeds (`run.seed=0,1,2`
+beside other overrides) gets one curve per setting instead: the mean over its seeds, with a band from the lowest to
+the highest seed, and the table gives each end value as mean ± standard deviation over seeds (`--seeds each`
+overlays every job as before). Panels whose metrics a run never logged (KL with
 algo.beta=0, say) are listed as absent in the markdown instead of drawn empty. KL goes on a symlog axis
 when it spans more than three decades.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +26,8 @@ STAGES = ("time/generate", "time/score", "time/update", "time/eval")
 @dataclass
 class Run:
     label: str
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # a group of seeds: the per-iteration mean over its members
+    members: list[list[dict[str, Any]]] = field(default_factory=list)  # each seed's own rows (groups only)
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,14 @@ PANELS = (
 )
 
 
-def load_runs(path: Path) -> tuple[list[Run], bool]:
-    """The runs under `path` and whether it is a multirun directory."""
+SEED = "run.seed="
+
+
+def load_runs(path: Path, seeds: str = "mean") -> tuple[list[Run], bool]:
+    """The runs under `path` and whether it is a multirun directory. With `seeds="mean"`, jobs whose
+    overrides differ only in run.seed are one Run (the mean over them) when some setting has several seeds."""
+    if seeds not in ("mean", "each"):
+        raise UserError(f"--seeds {seeds}: use mean (one curve per setting, averaged over its seeds) or each")
     if (path / "metrics.jsonl").exists():
         return [Run(path.name, read_rows(path))], False
     jobs = [j for j in job_dirs(path) if (j / "metrics.jsonl").exists()]
@@ -67,7 +78,35 @@ def load_runs(path: Path) -> tuple[list[Run], bool]:
         raise UserError(f"{path} has no metrics.jsonl (a run dir) nor job dirs with one (a multirun dir); "
                         f"pass the directory `rewardlab train` printed as `run dir:`")
     labels = varying_overrides(jobs)
-    return [Run(f"{j.name}: {' '.join(labels[j]) or j.name}", read_rows(j)) for j in jobs], True
+    groups: dict[tuple[str, ...], list[Path]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(o for o in labels[job] if not o.startswith(SEED)), []).append(job)
+    if seeds == "each" or all(len(members) == 1 for members in groups.values()):
+        return [Run(f"{j.name}: {' '.join(labels[j]) or j.name}", read_rows(j)) for j in jobs], True
+    return [seed_mean(" ".join(setting) or "all jobs", [read_rows(j) for j in members])
+            for setting, members in groups.items()], True
+
+
+def seed_mean(setting: str, members: list[list[dict[str, Any]]]) -> Run:
+    """One Run for a setting's seeds: at each iteration, the mean of every numeric metric over the seeds that
+    logged it there (a seed that stopped early leaves the later means to the others)."""
+    by_iteration: dict[int, dict[str, list[float]]] = {}
+    for rows in members:
+        for row in rows:
+            slot = by_iteration.setdefault(row["iteration"], {})
+            for key, value in row.items():
+                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    slot.setdefault(key, []).append(float(value))
+    rows = [{"iteration": it, **{k: statistics.fmean(v) for k, v in slot.items()}}
+            for it, slot in sorted(by_iteration.items())]
+    return Run(f"{setting} ({len(members)} seeds)", rows, members)
+
+
+def band(run: Run, key: str) -> tuple[list[int], list[float], list[float]]:
+    """(iterations, lowest, highest) of one metric over a group's seeds, at the iterations every seed logged."""
+    per_seed = [dict(zip(*series(rows, key))) for rows in run.members]
+    common = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    return common, [min(s[i] for s in per_seed) for i in common], [max(s[i] for s in per_seed) for i in common]
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -111,7 +150,7 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
     legend = dict(fontsize=7, loc="best") if len(runs) == 1 else dict(  # overlays: legend beside the axes
         fontsize=7, loc="upper left", bbox_to_anchor=(1.1 if panel.name == "gold_vs_proxy" else 1.01, 1))
     styles = ("-", "--", ":", "-.")
-    if panel.name == "time" and len(runs) == 1:
+    if panel.name == "time" and len(runs) == 1 and not runs[0].members:
         _plot_time_bars(ax, runs[0], keys)
     elif panel.name == "gold_vs_proxy":
         right = ax.twinx()  # the proxy reward may live on any scale; gold accuracy is in [0, 1]
@@ -121,9 +160,11 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
                 xs, ys = series(run.rows, key)
                 proxy += ys if key == "reward/mean" else []
                 if xs:
-                    axis.plot(xs, ys, style, color=f"C{i}" if len(runs) > 1 else ("C0" if marker == "o" else "C3"),
-                              marker=marker, ms=5, mfc="none" if marker == "s" else None,
+                    color = f"C{i}" if len(runs) > 1 else ("C0" if marker == "o" else "C3")
+                    axis.plot(xs, ys, style, color=color, marker=marker, ms=5, mfc="none" if marker == "s" else None,
                               label=f"{run.label} · {key}" if len(runs) > 1 else key)
+                    if len(run.members) > 1:
+                        axis.fill_between(*band(run, key), color=color, alpha=0.12, linewidth=0)
         right.set_ylim(-0.03, 1.03)
         if proxy and 0 <= min(proxy) and max(proxy) <= 1:  # same scale on both sides when comparable
             ax.set_ylim(-0.03, 1.03)
@@ -140,6 +181,8 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
                     style = styles[j % len(styles)]
                     ax.plot(xs, ys, style, color=color, marker="o", ms=3,
                             label=f"{run.label} · {key}" if len(runs) > 1 else key)
+                    if len(run.members) > 1:
+                        ax.fill_between(*band(run, key), color=color, alpha=0.15, linewidth=0)
     if panel.name == "kl":
         ax.set_yscale(**y_scale([v for run in runs for v in series(run.rows, "kl")[1]]))
     if panel.name != "gold_vs_proxy":
@@ -160,36 +203,56 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
+def _world_size(rows: list[dict[str, Any]]) -> int:
+    return int(rows[-1].get("world_size", 1)) if rows else 1
+
+
+def _ends(run: Run, key: str) -> tuple[Any, Any]:
+    """First and last value of a metric; for a group of seeds each as "mean ± sd" over the seeds."""
+    if not run.members:
+        values = series(run.rows, key)[1]
+        return (values[0], values[-1]) if values else (None, None)
+    per_seed = [series(rows, key)[1] for rows in run.members]
+    per_seed = [v for v in per_seed if v]
+    if not per_seed:
+        return None, None
+    spread = lambda xs: f"{statistics.fmean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+    return spread([v[0] for v in per_seed]), spread([v[-1] for v in per_seed])
+
+
 def run_table(runs: list[Run]) -> str:
     """Start -> end of the headline metrics, and where the time went, one row per run."""
     header = ["run", "iterations", "world size", "eval acc start", "eval acc end", "gold acc first",
               "gold acc last", "reward first", "reward last", "stage seconds", "share (gen/score/update/eval)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        ev, gold, reward = (series(run.rows, k)[1] for k in ("eval/accuracy", "gold/accuracy", "reward/mean"))
-        stage = [sum(series(run.rows, k)[1]) for k in STAGES]
+        stage = [sum(series(run.rows, k)[1]) for k in STAGES]  # a group: seconds of the mean seed
         total = sum(stage)
         share = "/".join(f"{100 * s / total:.0f}%" for s in stage) if total else ""
-        first_last = [v for seq in (ev, gold, reward) for v in ((seq[0], seq[-1]) if seq else (None, None))]
+        first_last = [v for key in ("eval/accuracy", "gold/accuracy", "reward/mean") for v in _ends(run, key)]
         cells = [run.label, max((r["iteration"] for r in run.rows), default=0),
-                 run.rows[-1].get("world_size", 1) if run.rows else 1, *first_last, total, share]
+                 _world_size(run.members[0] if run.members else run.rows), *first_last, total, share]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(path: str | Path, out: str | Path | None = None) -> Path:
+def write_report(path: str | Path, out: str | Path | None = None, seeds: str = "mean") -> Path:
     """Plot every panel for the run (or multirun) at `path` into `out` (default <path>/report) and
-    write report.md there; returns the markdown's path."""
+    write report.md there; returns the markdown's path. `seeds`: mean (a multirun's seeds of one setting
+    averaged, with their range) or each (every job its own curve)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path} is not a directory; pass a run dir or a multirun dir")
-    runs, multirun = load_runs(path)
+    runs, multirun = load_runs(path, seeds)
     out = Path(out) if out is not None else path / "report"
     drawn, absent = [], []
     for panel in PANELS:
         keys = draw_panel(panel, runs, out / f"{panel.name}.png")
         (drawn if keys else absent).append((panel, keys))
-    kind = f"multirun of {len(runs)} jobs, curves overlaid" if multirun else "run"
+    jobs = sum(max(len(r.members), 1) for r in runs)
+    kind = ("run" if not multirun else f"multirun of {jobs} jobs, curves overlaid" if jobs == len(runs) else
+            f"multirun of {jobs} jobs in {len(runs)} settings; each curve is the mean over a setting's seeds, its "
+            f"band the lowest to the highest seed; table values are mean ± standard deviation over seeds")
     parts = [f"# Report: {path}\n", f"{kind.capitalize()}.\n", run_table(runs)]
     parts += [f"## {p.title}\n\n![{p.name}]({p.name}.png)\n\nMetrics: {', '.join(f'`{k}`' for k in keys)}\n"
               for p, keys in drawn]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import pytest
 import yaml
 
 from rewardlab.report import PANELS, series, write_report, y_scale
@@ -74,3 +75,37 @@ def test_kl_spanning_decades_goes_on_a_symlog_axis_that_keeps_zeros():
     # a collapsed job's spike beside a healthy one (seen in a sweep at lr 1e-3): symlog, zeros kept
     assert y_scale([0.0, 16000.0, 0.9, 0.0, 0.01, 0.03]) == {"value": "symlog", "linthresh": 0.01}
     assert y_scale([]) == {"value": "linear"} and y_scale([0.0, 0.0]) == {"value": "linear"}
+
+
+def test_a_multirun_over_seeds_averages_each_setting_with_its_range(tmp_path: Path):
+    """2 settings x 3 seeds: one curve per setting (the seeds' mean, their range as a band), the table's end
+    values as mean ± sd over seeds; --seeds each keeps one curve per job."""
+    from rewardlab.report import band, load_runs
+
+    num = 0
+    for lr in ("1e-4", "1e-3"):
+        for seed, slope in enumerate((0.1, 0.05, 0.0)):
+            job = tmp_path / str(num)
+            write_run(job, slope if lr == "1e-4" else -slope)
+            (job / ".hydra").mkdir()
+            (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"run.seed={seed}", f"algo.lr={lr}"]))
+            num += 1
+    runs, multirun = load_runs(tmp_path)
+    assert multirun and [r.label for r in runs] == ["algo.lr=1e-4 (3 seeds)", "algo.lr=1e-3 (3 seeds)"]
+    assert series(runs[0].rows, "gold/accuracy")[1][-1] == pytest.approx(0.4)  # (0.6 + 0.4 + 0.2) / 3
+    assert band(runs[0], "gold/accuracy") == ([1, 2, 3, 4], [0.2, 0.2, 0.2, 0.2],
+                                              pytest.approx([0.3, 0.4, 0.5, 0.6]))
+    text = write_report(tmp_path, tmp_path / "out").read_text()
+    assert "Multirun of 6 jobs in 2 settings" in text
+    # eval 0.2 -> 0.6 on every seed; gold first 0.3/0.25/0.2, last 0.6/0.4/0.2
+    assert "| algo.lr=1e-4 (3 seeds) | 4 | 2 | 0.200 ± 0.000 | 0.600 ± 0.000 | 0.250 ± 0.050 | 0.400 ± 0.200 |" in text
+    assert (tmp_path / "out" / "gold_vs_proxy.png").read_bytes()[:8] == PNG_MAGIC
+    each = write_report(tmp_path, tmp_path / "each", seeds="each").read_text()
+    assert "Multirun of 6 jobs, curves overlaid" in each and "| 5: run.seed=2 algo.lr=1e-3 |" in each
+
+
+def test_cli_report_refuses_an_unknown_seeds_mode(tmp_path: Path):
+    write_run(tmp_path / "run", 0.1)
+    result = subprocess.run([sys.executable, "-m", "rewardlab", "report", str(tmp_path / "run"), "--seeds", "median"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: --seeds median:"), result.stderr
