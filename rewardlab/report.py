@@ -60,6 +60,9 @@ PANELS = (
     Panel("kl", "KL to the reference policy", "KL (k3, per token)", _fixed("kl")),
     Panel("length", "Completion length", "tokens", _fixed("length/mean", "length/max", "eval/length")),
     Panel("time", "Seconds per stage", "seconds", _fixed(*STAGES)),
+    Panel("proxy_gold_vs_kl", "Proxy reward and gold accuracy against sqrt(KL) from the start (Gao et al.)",
+          "proxy reward", lambda keys: ["reward/mean", "gold/accuracy"] if {"reward/mean", "gold/accuracy", "kl"} <= keys
+          else []),
 )
 
 
@@ -148,10 +151,26 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
         return None
     fig, ax = plt.subplots(figsize=(7 if len(runs) == 1 else 10, 4.2), dpi=110)
     legend = dict(fontsize=7, loc="best") if len(runs) == 1 else dict(  # overlays: legend beside the axes
-        fontsize=7, loc="upper left", bbox_to_anchor=(1.1 if panel.name == "gold_vs_proxy" else 1.01, 1))
+        fontsize=7, loc="upper left", bbox_to_anchor=(1.1 if panel.name in ("gold_vs_proxy", "proxy_gold_vs_kl")
+                                                      else 1.01, 1))
     styles = ("-", "--", ":", "-.")
     if panel.name == "time" and len(runs) == 1 and not runs[0].members:
         _plot_time_bars(ax, runs[0], keys)
+    elif panel.name == "proxy_gold_vs_kl":  # x: sqrt of the per-token KL to the reference, iteration by iteration
+        right = ax.twinx()
+        for i, run in enumerate(runs):
+            kl = dict(zip(*series(run.rows, "kl")))
+            for axis, key, style, marker in ((ax, "reward/mean", "-", "o"), (right, "gold/accuracy", "--", "s")):
+                pairs = [(max(kl[x], 0.0) ** 0.5, y) for x, y in zip(*series(run.rows, key)) if x in kl]
+                if pairs:
+                    axis.plot(*zip(*pairs), style, color=f"C{i}" if len(runs) > 1 else ("C0" if marker == "o" else "C3"),
+                              marker=marker, ms=4, mfc="none" if marker == "s" else None,
+                              label=f"{run.label} · {key}" if len(runs) > 1 else key)
+        right.set_ylim(-0.03, 1.03)
+        right.set_ylabel("gold accuracy (verifiable)")
+        ax.set_ylabel("proxy reward (training reward)")
+        handles = [h for a in (ax, right) for h in a.get_legend_handles_labels()[0]]
+        ax.legend(handles, [h.get_label() for h in handles], **legend)
     elif panel.name == "gold_vs_proxy":
         right = ax.twinx()  # the proxy reward may live on any scale; gold accuracy is in [0, 1]
         proxy: list[float] = []
@@ -185,12 +204,15 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
                         ax.fill_between(*band(run, key), color=color, alpha=0.15, linewidth=0)
     if panel.name == "kl":
         ax.set_yscale(**y_scale([v for run in runs for v in series(run.rows, "kl")[1]]))
-    if panel.name != "gold_vs_proxy":
+    if panel.name not in ("gold_vs_proxy", "proxy_gold_vs_kl"):
         ax.set_ylabel(panel.ylabel)
         ax.legend(**legend)
     ax.set_title(panel.title)
-    ax.set_xlabel("iteration")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if panel.name == "proxy_gold_vs_kl":
+        ax.set_xlabel("sqrt(KL to the reference), per-token k3 estimate, each iteration's rollouts")
+    else:
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

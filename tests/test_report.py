@@ -59,7 +59,7 @@ def test_multirun_overlays_jobs_labelled_by_their_overrides(tmp_path: Path):
     text = write_report(tmp_path, tmp_path / "out").read_text()
     assert "Multirun of 2 jobs" in text
     assert "| 0: algo.lr=1e-4 |" in text and "| 1: algo.lr=1e-3 |" in text and "logger=none" not in text
-    assert "Not logged by any job: KL to the reference policy." in text
+    assert "Not logged by any job: KL to the reference policy, Proxy reward and gold accuracy against sqrt(KL)" in text
     assert not (tmp_path / "out" / "kl.png").exists() and (tmp_path / "out" / "reward.png").exists()
 
 
