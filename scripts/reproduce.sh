@@ -22,6 +22,12 @@ for preset in "${PRESETS[@]}"; do
   "$RL" train -m "experiment=$preset" "hydra.sweep.dir=$ROOT/$preset" > "$ROOT.$preset.log" 2>&1 \
     || { echo "error: $preset failed; see $ROOT.$preset.log" >&2; exit 1; }
   "$RL" report "$ROOT/$preset" --out "$DOCS/$preset" > /dev/null
+  if [ "$preset" = overoptimization ]; then  # the same reward's best-of-n curve (test-time over-optimization)
+    rm -rf "${ROOT:?}/overoptimization_best_of_n"
+    "$RL" bench-rm bench=best_of_n reward=prm bench.n=16 bench.prompts=64 \
+      "hydra.run.dir=$ROOT/overoptimization_best_of_n" > "$DOCS/$preset/best_of_n.txt" 2>> "$ROOT.$preset.log"
+    cp "$ROOT/overoptimization_best_of_n/best_of_n.png" "$DOCS/$preset/best_of_n.png"
+  fi
   echo "$preset: $(( $(date +%s) - began )) s"
 done
 {
