@@ -160,10 +160,10 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
         right = ax.twinx()
         for i, run in enumerate(runs):
             kl = dict(zip(*series(run.rows, "kl")))
-            for axis, key, style, marker in ((ax, "reward/mean", "-", "o"), (right, "gold/accuracy", "--", "s")):
+            for axis, key, marker in ((ax, "reward/mean", "o"), (right, "gold/accuracy", "s")):
                 pairs = [(max(kl[x], 0.0) ** 0.5, y) for x, y in zip(*series(run.rows, key)) if x in kl]
-                if pairs:
-                    axis.plot(*zip(*pairs), style, color=f"C{i}" if len(runs) > 1 else ("C0" if marker == "o" else "C3"),
+                if pairs:  # points, not a line: an iteration's KL estimate is noisy, so x does not grow steadily
+                    axis.plot(*zip(*pairs), linestyle="none", color=f"C{i}" if len(runs) > 1 else ("C0" if marker == "o" else "C3"),
                               marker=marker, ms=4, mfc="none" if marker == "s" else None,
                               label=f"{run.label} · {key}" if len(runs) > 1 else key)
         right.set_ylim(-0.03, 1.03)
