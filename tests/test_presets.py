@@ -2,6 +2,7 @@
 the suite fast; the CLI path is covered by the one-line error test)."""
 
 import math
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -74,3 +75,24 @@ def test_judge_without_fallback_on_the_tiny_policy_stops_with_one_line(tiny_poli
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: reward=judge: none of the")
     assert "Traceback" not in result.stderr
+
+
+CLAIM_PRESETS = {"rest_em": 2, "label_free": 3, "pure_learned": 4, "clip_delta": 3, "overoptimization": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(CLAIM_PRESETS))
+def test_each_claim_preset_runs_every_arm_end_to_end(preset: str, tmp_path: Path):
+    """docs/experiments.md's presets, one seed and one tiny iteration per arm: every arm of the sweep trains and
+    logs what its table reads (eval at the start and end, gold beside the reward; KL where the preset sets beta)."""
+    sweep = tmp_path / preset
+    result = run_cli("train", "-m", f"experiment={preset}", "run.seed=0", "run.iterations=1", "run.eval_every=1",
+                     "run.eval_size=4", "run.prompts_per_iteration=2", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    assert len(jobs) == CLAIM_PRESETS[preset]  # the seed sweep narrowed to one seed; every arm ran
+    for job in jobs:
+        rows = read_metrics(job)
+        assert [r["iteration"] for r in rows] == [0, 1] and "eval/accuracy" in rows[0] and "eval/accuracy" in rows[1]
+        assert "gold/accuracy" in rows[1] and "reward/mean" in rows[1]
+        assert ("kl" in rows[1]) == (preset in ("pure_learned", "clip_delta", "overoptimization"))
