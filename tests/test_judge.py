@@ -119,3 +119,19 @@ def test_llm_judge_generates_k_samples_with_the_policy_and_from_a_path(tiny_poli
     by_path.bind(tiny_policy)
     assert by_path.judge.generator.policy is not tiny_policy
     assert len(by_path.judge.ask(["1+1=?\n"])[0]) == 1
+
+
+def test_judge_agreement_with_gold_uses_the_judges_own_scores_not_the_fallback():
+    """judge/gold_agreement: the judge's verdict (score >= the middle of its range) against the gold label, over
+    the rows the judge itself scored; rows the fallback rule filled, or without gold, do not count."""
+    reward = JudgeReward(fallback="correct")
+    reward.judge = CannedJudge([["Score: 4"], ["Score: 1"], ["Score: 3"], ["no score"], ["Score: 5"]], 1)
+    batch = rows(["#### 5", "#### 5", "#### 6", "#### 6", "#### 5"], ["5", "5", "5", "5", None])
+    reward.score(batch)
+    batch.gold = [True, True, False, False, None]  # as the run loop sets it after scoring
+    m = reward.metrics(batch)
+    # scored with gold: rows 0 (4 -> right, gold right), 1 (1 -> wrong, gold right), 2 (3 -> right, gold wrong)
+    assert m["judge/gold_agreement"] == pytest.approx(1 / 3)
+    assert m["judge/score_correct_mean"] == pytest.approx(2.5) and m["judge/score_incorrect_mean"] == pytest.approx(3.0)
+    batch.gold = None
+    assert "judge/gold_agreement" not in reward.metrics(batch)  # no references: nothing to agree with

@@ -268,4 +268,23 @@ class JudgeReward(Reward):
         return scores
 
     def metrics(self, batch: Batch) -> dict[str, float]:
-        return {k: v for k, v in self.stats.items() if not math.isnan(v)}
+        out = {k: v for k, v in self.stats.items() if not math.isnan(v)}
+        out.update(gold_agreement(batch.extra.get(f"{self.name}_score"), batch.gold, (self.low + self.high) / 2))
+        return out
+
+
+def gold_agreement(scores: list[float] | None, gold: list | None, threshold: float) -> dict[str, float]:
+    """How the judge's own scores (before any fallback) side with the gold label, over the rows it scored that
+    have one: `judge/gold_agreement`, the share whose verdict (score >= threshold: right) matches gold (chance is
+    the share of the majority class), and its mean score on right and on wrong rows. Empty without gold."""
+    if scores is None or gold is None:
+        return {}
+    rows = [(s, bool(g)) for s, g in zip(scores, gold) if g is not None and not math.isnan(s)]
+    if not rows:
+        return {}
+    out = {"judge/gold_agreement": sum((s >= threshold) == g for s, g in rows) / len(rows)}
+    for key, right in (("judge/score_correct_mean", True), ("judge/score_incorrect_mean", False)):
+        values = [s for s, g in rows if g == right]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
