@@ -263,3 +263,22 @@ def test_lora_prm_keeps_the_best_epoch_and_saves_a_plain_model(tmp_path):
     assert again["f1"] == pytest.approx(best) and again["step_accuracy"] == pytest.approx(
         summary["final"]["rm/eval/step_accuracy"])
     assert again["step_accuracy"] >= 0.9  # the adapters learned the rule
+
+
+def test_prm_lm_recipe_is_the_prm_with_the_lm_term_and_the_best_epoch():
+    """rm=prm_lm (README "The reward-model lab", second pass): the prm settings with lm_weight 1, keep_best and
+    12 epochs, and it builds."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from rewardlab.config import register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
+        cfg = compose(config_name="train_rm", overrides=["rm=prm_lm", "rm.data=x"])
+    rm = instantiate(cfg.rm)
+    assert isinstance(rm, PRMTraining)
+    assert (rm.cfg.format, rm.cfg.lm_weight, rm.cfg.keep_best, rm.cfg.epochs, rm.cfg.lr) == ("next_token", 1.0, True,
+                                                                                             12, 1e-3)
