@@ -22,6 +22,10 @@ load as is.
 A held-out split by prompt (`rm.eval_fraction`) is scored before training and after every epoch into
 metrics.jsonl and W&B: PRM step accuracy, first-error and whole-solution accuracy and ProcessBench's F1;
 ORM pair accuracy (a tie counts half). The model is built in a temporary directory and renamed into place.
+PRM options (README "The reward-model lab", second pass): `rm.lm_weight` adds the policy's own next-token loss
+on each row's steps before its first wrong one, so the backbone keeps learning arithmetic while its `+`/`-` is
+trained (on arith, with 4096 labelled prompts, it took the held-out F1 from 0.45 to 0.85; `rm=prm_lm`);
+`rm.keep_best` saves the epoch with the best held-out F1; `rm.lora_r` trains LoRA adapters, merged on save.
 """
 
 from __future__ import annotations
@@ -213,7 +217,8 @@ class PRMTraining:
         """The LM formats' loss: at each labelled position, cross-entropy of the next-token logits against the
         good or bad token (the label is read where `reward=prm` reads the score, no shift). Over the whole
         vocabulary, as Math-Shepherd trains (a two-candidate loss on the soft MC labels did worse on the arith
-        labels: README "The reward-model lab")."""
+        labels: README "The reward-model lab"). With `lm_weight` > 0, plus that weight x the mean next-token
+        cross-entropy at the positions `encode` marked with the policy's own next token."""
         candidates = torch.tensor(self.candidates(tokenizer))
         weight = self.cfg.lm_weight
 
