@@ -144,6 +144,21 @@ def test_process_bench_builds_a_reusable_arith_file(tmp_path):
         {k: v for k, v in built["metrics"].items() if k != "time/bench"}, nan_ok=True)
 
 
+def test_process_bench_train_split_samples_the_problems_label_never_reaches(tmp_path):
+    """bench.split=train: the last bench.prompts problems of the train split (`rewardlab label` takes the
+    first ones), none of the test split's; an unknown split is refused."""
+    from rewardlab.data.arith import ArithTask
+
+    built, run_dir = bench(tmp_path / "built", "bench=process", "bench.data=arith", "reward=arith_steps",
+                           "bench.split=train", "bench.prompts=3", "bench.samples_per_prompt=2")
+    problems = {r["problem"] for r in read_processbench(run_dir / "processbench_arith.jsonl")}
+    task = ArithTask()
+    assert problems and problems <= {e.prompt for e in task.train_examples()[-3:]}
+    assert not problems & {e.prompt for e in task.test_examples()}
+    with pytest.raises(UserError, match="bench.split='dev' is not one of test, train"):
+        bench(tmp_path / "bad", "bench=process", "bench.data=arith", "reward=arith_steps", "bench.split=dev")
+
+
 def test_a_missing_file_is_named_and_leaves_no_run_dir(tmp_path):
     with pytest.raises(UserError, match="bench.data=.*nowhere.jsonl: no such file"):
         bench(tmp_path, "bench=process", f"bench.data={tmp_path / 'nowhere.jsonl'}", "reward=arith_steps")

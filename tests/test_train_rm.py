@@ -199,3 +199,86 @@ def test_prm_format_and_tag_refused_in_one_line(tiny_policy):
         PRMTraining(format="orm")
     with pytest.raises(UserError, match="'ки' .* is not a token of"):  # the char tokenizer has no Cyrillic
         PRMTraining(format="math_shepherd", step_tag="ки").build(tiny_policy.source, tiny_policy.tokenizer)
+
+
+def test_lm_weight_targets_the_right_prefix_and_adds_the_policy_loss(tiny_policy):
+    """rm.lm_weight: the policy's own next token is the target at every position from the question's last
+    token through the separator of the last step before the first wrong one; the +/- labels keep their
+    positions; the loss is the +/- cross-entropy plus lm_weight x the next-token cross-entropy there."""
+    from rewardlab.rmlab.train import LM_OFFSET
+
+    tok = tiny_policy.tokenizer
+    row = {"prompt": "3+4+5=?\n", "steps": ["3+4=7", "7+5=13", "#### 13"], "labels": [True, False, False]}
+    plain = PRMTraining().encode(row, tok)
+    training = PRMTraining(lm_weight=0.5)
+    encoded = training.encode(row, tok)
+    ids, positions = training.ids(tok, row)
+    assert encoded["input_ids"] == plain["input_ids"] == ids
+    assert [encoded["labels"][p] for p in positions] == [1, 0, 0] == [plain["labels"][p] for p in positions]
+    own = [t for t, y in enumerate(encoded["labels"]) if y >= LM_OFFSET]
+    first = len(ids) - len(tok.encode("3+4=7\n7+5=13\n#### 13\n", add_special_tokens=False)) - 1
+    assert own == list(range(first, positions[0]))  # "3+4=7\n" predicted from the question's last "\n" on
+    assert tok.decode([encoded["labels"][t] - LM_OFFSET for t in own]) == "3+4=7\n"
+    none_right = training.encode({**row, "labels": [False, False, False]}, tok)
+    assert not [y for y in none_right["labels"] if y >= LM_OFFSET]
+
+    torch.manual_seed(0)
+    labels = torch.tensor([encoded["labels"]])
+    logits = torch.randn(1, len(ids), len(tok))
+    scored = torch.tensor(positions)
+    good_bad = torch.tensor(training.candidates(tok))[1 - labels[0, scored]]
+    want = torch.nn.functional.cross_entropy(logits[0, scored], good_bad) + 0.5 * torch.nn.functional.cross_entropy(
+        logits[0, own], labels[0, own] - LM_OFFSET)
+    got = training.lm_loss(tok)(type("Out", (), {"logits": logits})(), labels)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert PRMTraining().lm_loss(tok)(type("Out", (), {"logits": logits})(), torch.tensor([plain["labels"]])).item() \
+        == pytest.approx(torch.nn.functional.cross_entropy(logits[0, scored], good_bad).item(), rel=1e-6)
+    with pytest.raises(UserError, match="rm.lm_weight=0.5 needs rm.format=next_token"):
+        PRMTraining(lm_weight=0.5, format="math_shepherd")
+
+
+def test_lora_prm_keeps_the_best_epoch_and_saves_a_plain_model(tmp_path):
+    """rm.lora_r trains adapters that are merged on save (model/ loads as a plain model through reward=prm);
+    rm.keep_best saves the epoch with the best held-out F1, and the saved model scores the held-out rows
+    exactly as that epoch's metrics say."""
+    from rewardlab.rewards.prm import PRMReward
+    from rewardlab.rmlab.train import process_metrics
+
+    rows = stepwise_rows(64)
+    data = write_jsonl(tmp_path / "labels.jsonl", rows)
+    run_dir = run_dir_of(run_cli("train-rm", f"rm.data={data}", "rm.epochs=6", "rm.lr=1e-2", "rm.lora_r=8",
+                                 "rm.keep_best=true", "rm.lm_weight=0.5", *FAST, f"hydra.run.dir={tmp_path / 'run'}"))
+    metrics = read_metrics(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    trained = [r for r in metrics if r["epoch"] > 0]
+    best = max(r["rm/eval/f1"] for r in trained)
+    kept = max(r["epoch"] for r in trained if r["rm/eval/f1"] == best)  # ties: the later epoch
+    assert summary["epoch"] == kept and summary["final"]["rm/eval/f1"] == best
+    assert not (run_dir / "model" / "adapter_config.json").exists()
+    reward = PRMReward(model=str(run_dir / "model"), device="cpu")
+    assert reward.format == "next_token"
+    _, held = split_by_prompt([{**r, "steps": r["completions"]} for r in rows], PRMTraining.key, 0.25, seed=0)
+    probabilities = reward.step_scores([r["prompt"] for r in held], [r["steps"] for r in held])
+    again = process_metrics(probabilities, [r["labels"] for r in held], 0.5)
+    assert again["f1"] == pytest.approx(best) and again["step_accuracy"] == pytest.approx(
+        summary["final"]["rm/eval/step_accuracy"])
+    assert again["step_accuracy"] >= 0.9  # the adapters learned the rule
+
+
+def test_prm_lm_recipe_is_the_prm_with_the_lm_term_and_the_best_epoch():
+    """rm=prm_lm (README "The reward-model lab", second pass): the prm settings with lm_weight 1, keep_best and
+    12 epochs, and it builds."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from rewardlab.config import register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
+        cfg = compose(config_name="train_rm", overrides=["rm=prm_lm", "rm.data=x"])
+    rm = instantiate(cfg.rm)
+    assert isinstance(rm, PRMTraining)
+    assert (rm.cfg.format, rm.cfg.lm_weight, rm.cfg.keep_best, rm.cfg.epochs, rm.cfg.lr) == ("next_token", 1.0, True,
+                                                                                             12, 1e-3)

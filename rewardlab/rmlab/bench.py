@@ -135,7 +135,8 @@ def data_file(value: str, fields: str) -> Path:
 
 def sample_arith(cfg: DictConfig, policy) -> tuple[Any, list[float | None]]:
     """The policy's `bench.samples_per_prompt` completions of the first `bench.prompts` problems of the
-    data set's TEST split (held out from anything trained on the train split) and their gold correctness."""
+    data set's TEST split (held out from anything trained on the train split) and their gold correctness;
+    with `bench.split=train` (bench=process) the LAST `bench.prompts` problems of the train split instead."""
     from rewardlab.answers import check
     from rewardlab.data.arith import ArithTask
 
@@ -143,9 +144,15 @@ def sample_arith(cfg: DictConfig, policy) -> tuple[Any, list[float | None]]:
     if not isinstance(task, ArithTask):
         raise UserError(f"bench.data=arith samples the arith task; use dataset=arith (got {cfg.dataset._target_})")
     task.prepare(policy.tokenizer)
-    examples = list(task.test_examples())[: cfg.bench.prompts]
+    split = cfg.bench.get("split", "test")
+    if split not in ("test", "train"):
+        raise UserError(f"bench.split={split!r} is not one of test, train")
+    if split == "test":
+        examples = list(task.test_examples())[: cfg.bench.prompts]
+    else:  # the train split's last problems: `rewardlab label` takes its first ones
+        examples = list(task.train_examples())[-cfg.bench.prompts :] if cfg.bench.prompts > 0 else []
     if not examples:
-        raise UserError("bench.prompts must be at least 1 (and the test split non-empty)")
+        raise UserError(f"bench.prompts must be at least 1 (and the {split} split non-empty)")
     generator = instantiate(cfg.generation, policy=policy)
     batch = generator.generate(examples, n=cfg.bench.samples_per_prompt)
     return batch, check(batch.completion, batch.reference, task.answer_format)

@@ -12,7 +12,9 @@ acc_error = exact-match accuracy on rows with label >= 0, acc_correct = accuracy
 with label -1, F1 = 2·acc_error·acc_correct / (acc_error + acc_correct) (0 when both are 0; NaN when a
 side has no rows). `bench.data=arith` builds such a file from the policy's own samples of the arith TEST
 split, labelled by the exact step checker (rewards/arith_steps.py), and writes it to
-`<run dir>/processbench_arith.jsonl` for reuse with `bench.data=<that file>`.
+`<run dir>/processbench_arith.jsonl` for reuse with `bench.data=<that file>`; `bench.split=train` samples the
+last `bench.prompts` problems of the TRAIN split instead (`rewardlab label` labels the first ones), a held-out
+file for choosing settings.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class ProcessBenchConfig:
     threshold: float = 0.5  # a step scored below this is wrong (a PRM: its probability of a correct step)
     prompts: int = 64  # bench.data=arith: test problems sampled
     samples_per_prompt: int = 4  # bench.data=arith: samples per problem
+    split: str = "test"  # bench.data=arith: test (its first problems) | train (its LAST problems, which `rewardlab
+    # label` never reaches: a held-out file to choose PRM settings on without touching the test split)
 
 
 def read_processbench(path: Path) -> list[dict[str, Any]]:

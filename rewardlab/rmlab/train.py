@@ -22,6 +22,10 @@ load as is.
 A held-out split by prompt (`rm.eval_fraction`) is scored before training and after every epoch into
 metrics.jsonl and W&B: PRM step accuracy, first-error and whole-solution accuracy and ProcessBench's F1;
 ORM pair accuracy (a tie counts half). The model is built in a temporary directory and renamed into place.
+PRM options (README "The reward-model lab", second pass): `rm.lm_weight` adds the policy's own next-token loss
+on each row's steps before its first wrong one, so the backbone keeps learning arithmetic while its `+`/`-` is
+trained (on arith, with 4096 labelled prompts, it took the held-out F1 from 0.45 to 0.85; `rm=prm_lm`);
+`rm.keep_best` saves the epoch with the best held-out F1; `rm.lora_r` trains LoRA adapters, merged on save.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ command_schema("_train_rm_schema", TrainRMConfig)
 
 
 PRM_FORMATS = {"next_token": "\n", "token_classification": "\n", "math_shepherd": ":"}  # and each default tag
+LM_OFFSET = 2  # rm.lm_weight: a label >= this at a position is the policy's own next token there (+ LM_OFFSET)
 
 
 @schema("rm", "prm")
@@ -90,6 +95,11 @@ class PRMTrainConfig:
     good_token: str = "+"  # next_token / math_shepherd: the next token trained for a right step
     bad_token: str = "-"  # ... and for a wrong one
     threshold: float = 0.5  # held-out metrics: a step scored below it counts as wrong
+    lm_weight: float = 0.0  # next_token: + this x the policy's own next-token loss on each row's steps up to its
+    # first wrong one (keeps what the backbone knows of arithmetic while the +/- head is trained)
+    keep_best: bool = False  # save the epoch with the best held-out F1 (ties: the later), not the last
+    lora_r: int = 0  # > 0: train LoRA adapters of this rank (peft, all linear layers) and merge them on save
+    lora_alpha: int = 32
 
 
 @schema("rm", "orm")
@@ -141,6 +151,10 @@ class PRMTraining:
         if self.cfg.format not in PRM_FORMATS:
             raise UserError(f"rm.format={self.cfg.format!r} is not one of {', '.join(PRM_FORMATS)}")
         self.tag = self.cfg.step_tag if self.cfg.step_tag is not None else PRM_FORMATS[self.cfg.format]
+        if self.cfg.lm_weight < 0 or (self.cfg.lm_weight > 0 and self.cfg.format != "next_token"):
+            raise UserError(f"rm.lm_weight={self.cfg.lm_weight} needs rm.format=next_token and a weight >= 0")
+        if self.cfg.lora_r < 0:
+            raise UserError(f"rm.lora_r={self.cfg.lora_r} must be 0 (train every weight) or a LoRA rank")
 
     @staticmethod
     def key(row: dict) -> str:
@@ -173,13 +187,28 @@ class PRMTraining:
         model.config.step_separator = self.tag  # read back by reward=prm, with the format
         model.config.prm_format = self.cfg.format
         model.config.pad_token_id = _pad_id(tokenizer)
+        if self.cfg.lora_r > 0:  # merged into the weights by `save_model`: model/ loads as a plain model
+            from rewardlab.policy.lora import LoraSettings, add_adapters
+
+            model = add_adapters(model, LoraSettings(r=self.cfg.lora_r, alpha=self.cfg.lora_alpha))
+            if self.cfg.format not in LM_FORMATS:  # the new 2-class head is trained in full
+                for name, parameter in model.named_parameters():
+                    parameter.requires_grad_(parameter.requires_grad or "score" in name or "classifier" in name)
         return model
 
     def encode(self, row: dict, tokenizer) -> dict[str, list[int]]:
         """TRL's PRM layout: each step's label (1 right, 0 wrong) at its scored position, -100 elsewhere. The
-        LM formats read the label there too, unshifted, through `lm_loss`."""
+        LM formats read the label there too, unshifted, through `lm_loss`. With `lm_weight` > 0 (next_token),
+        every other position from the question's last token through the last step before the first wrong one
+        holds LM_OFFSET + the id of the token that follows it: the policy's own next-token target there."""
         ids, positions = self.ids(tokenizer, row)
         labels = [-100] * len(ids)
+        if self.cfg.lm_weight > 0 and positions:
+            right = next((k for k, y in enumerate(row["labels"]) if not y), len(row["labels"]))
+            start = positions[0] - len(tokenizer.encode(row["steps"][0] + self.tag, add_special_tokens=False))
+            end = positions[right - 1] if right else start  # through the last right step's separator
+            for t in range(max(start, 0), end):
+                labels[t] = LM_OFFSET + ids[t + 1]
         for position, label in zip(positions, row["labels"]):
             labels[position] = int(label)
         return {"input_ids": ids[: self.cfg.max_length], "labels": labels[: self.cfg.max_length]}
@@ -188,13 +217,20 @@ class PRMTraining:
         """The LM formats' loss: at each labelled position, cross-entropy of the next-token logits against the
         good or bad token (the label is read where `reward=prm` reads the score, no shift). Over the whole
         vocabulary, as Math-Shepherd trains (a two-candidate loss on the soft MC labels did worse on the arith
-        labels: README "The reward-model lab")."""
+        labels: README "The reward-model lab"). With `lm_weight` > 0, plus that weight x the mean next-token
+        cross-entropy at the positions `encode` marked with the policy's own next token."""
         candidates = torch.tensor(self.candidates(tokenizer))
+        weight = self.cfg.lm_weight
 
         def loss(outputs, labels, num_items_in_batch=None):
-            where = labels != -100
+            where = (labels == 0) | (labels == 1)
             target = candidates.to(labels.device)[1 - labels[where]]  # label 1: the good token (index 0)
-            return torch.nn.functional.cross_entropy(outputs.logits[where].float(), target)
+            total = torch.nn.functional.cross_entropy(outputs.logits[where].float(), target)
+            own = labels >= LM_OFFSET  # lm_weight: the policy's own next tokens on the right steps
+            if weight > 0 and own.any():
+                total = total + weight * torch.nn.functional.cross_entropy(outputs.logits[own].float(),
+                                                                           labels[own] - LM_OFFSET)
+            return total
 
         return loss
 
@@ -280,7 +316,12 @@ class ORMTraining:
 
 
 def save_model(model, tokenizer, run_dir: Path) -> Path:
-    """`<run dir>/model/`, built in a temporary directory beside it and renamed into place."""
+    """`<run dir>/model/`, built in a temporary directory beside it and renamed into place; LoRA adapters
+    (rm.lora_r) are merged first, so it loads as a plain model."""
+    from rewardlab.policy.lora import has_adapters
+
+    if has_adapters(model):
+        model = model.merge_and_unload()
     target = run_dir / "model"
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=run_dir))
     try:
@@ -347,6 +388,9 @@ def _train_rm(cfg: DictConfig, run_dir: Path, launch) -> Path:
     console.print(f"train-rm: {len(train_rows)} rows to train on, {len(held)} held out, from {source}")
     began = time.perf_counter()
 
+    keep_best = bool(getattr(rm.cfg, "keep_best", False)) and bool(held)
+    best: dict[str, Any] = {"epoch": None, "f1": -1.0, "state": None}
+
     def record(epoch: int, logs: dict[str, float]) -> None:
         row: dict[str, float] = {"epoch": epoch, "time/train": time.perf_counter() - began}
         row.update({f"rm/train/{k}": float(v) for k, v in logs.items() if k in ("loss", "accuracy")})
@@ -354,6 +398,9 @@ def _train_rm(cfg: DictConfig, run_dir: Path, launch) -> Path:
             model.eval()
             row.update({f"rm/eval/{k}": v for k, v in rm.evaluate(model, tokenizer, held).items()})
             model.train(epoch > 0)
+        f1 = row.get("rm/eval/f1", float("nan"))
+        if keep_best and epoch > 0 and f1 >= best["f1"]:  # NaN never compares: such an epoch is not kept
+            best.update(epoch=epoch, f1=f1, state={k: v.detach().clone() for k, v in model.state_dict().items()})
         metrics.append(row)
         logger.log(row, step=epoch)
         shown = "  ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in row.items() if k.startswith("rm/"))
@@ -376,8 +423,13 @@ def _train_rm(cfg: DictConfig, run_dir: Path, launch) -> Path:
         trainer.add_callback(EveryEpoch())
         trainer.train()
     model.eval()
+    final = metrics.rows[-1]
+    if keep_best and best["state"] is not None:
+        model.load_state_dict(best["state"])
+        final = next(r for r in metrics.rows if r["epoch"] == best["epoch"])
+        console.print(f"keeping epoch {best['epoch']} (held-out F1 {best['f1']:.3f})", markup=False)
     model_dir = save_model(model, tokenizer, run_dir)
-    write_json_atomic(run_dir / "summary.json", {"final": metrics.rows[-1], "model": str(model_dir),
+    write_json_atomic(run_dir / "summary.json", {"final": final, "model": str(model_dir), "epoch": final["epoch"],
                                                  "train_rows": len(train_rows), "eval_rows": len(held)})
     logger.finish()
     return model_dir
