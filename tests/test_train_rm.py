@@ -13,7 +13,8 @@ import torch
 
 from rewardlab.errors import UserError
 from rewardlab.rmlab.rm_data import split_by_prompt
-from rewardlab.rmlab.train import ORMTraining, PRMTraining, process_metrics
+from rewardlab.rmlab.orm_training import ORMTraining
+from rewardlab.rmlab.train import PRMTraining, process_metrics
 from tests.conftest import read_metrics, run_cli
 from tests.reward_fixtures import make_batch
 

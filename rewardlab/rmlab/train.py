@@ -18,7 +18,7 @@ load as is.
 - ORM: TRL's preference rows (`prompt`, `chosen`, `rejected`), or a `rewardlab train` run directory whose
   rollouts pair a correct with an incorrect completion of the same prompt (the `gold` column), through TRL's
   `RewardTrainer` on pre-tokenized pairs: each text is what `reward=orm` reads (rewards/orm.py `orm_text`,
-  no EOS appended), so the score is trained where it is read.
+  no EOS appended), so the score is trained where it is read (rewardlab/rmlab/orm_training.py).
 A held-out split by prompt (`rm.eval_fraction`) is scored before training and after every epoch into
 metrics.jsonl and W&B: PRM step accuracy, first-error and whole-solution accuracy and ProcessBench's F1;
 ORM pair accuracy (a tie counts half). The model is built in a temporary directory and renamed into place.
@@ -31,7 +31,6 @@ trained (on arith, with 4096 labelled prompts, it took the held-out F1 from 0.45
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -47,10 +46,9 @@ from omegaconf import DictConfig, OmegaConf
 from rewardlab.config import command_schema, schema
 from rewardlab.errors import UserError
 from rewardlab.io import write_json_atomic, write_text_atomic
-from rewardlab.rewards.orm import orm_text
 from rewardlab.rewards.prm import LM_FORMATS, math_shepherd_ids, token_classification_ids
 from rewardlab.rmlab.bench_process import first_error, processbench_f1
-from rewardlab.rmlab.rm_data import read_preferences, read_stepwise, split_by_prompt
+from rewardlab.rmlab.rm_data import read_stepwise, split_by_prompt
 
 
 @dataclass
@@ -102,19 +100,6 @@ class PRMTrainConfig:
     lora_alpha: int = 32
 
 
-@schema("rm", "orm")
-@dataclass
-class ORMTrainConfig:
-    _target_: str = "rewardlab.rmlab.train.ORMTraining"
-    data: Optional[str] = None  # a preference JSONL file, or a `rewardlab train` run directory (its rollouts)
-    eval_fraction: float = 0.1
-    epochs: int = 2
-    lr: float = 1e-3
-    batch_size: int = 16
-    max_length: int = 1024
-    pairs_per_prompt: int = 4  # from rollouts: at most this many (correct, incorrect) pairs per prompt
-
-
 def process_metrics(probabilities: list[list[float]], labels: list[list[bool]], threshold: float
                     ) -> dict[str, float]:
     """Held-out PRM accuracy: per step; per solution, whether the predicted first error (first step scored
@@ -131,7 +116,7 @@ def process_metrics(probabilities: list[list[float]], labels: list[list[bool]], 
             "f1": bench["process/f1"]}
 
 
-def _padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and their attention mask."""
     width = max(1, max(len(r) for r in rows))
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
@@ -139,7 +124,7 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torc
     return ids, mask
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
@@ -186,7 +171,7 @@ class PRMTraining:
             model = AutoModelForTokenClassification.from_pretrained(source, num_labels=2)
         model.config.step_separator = self.tag  # read back by reward=prm, with the format
         model.config.prm_format = self.cfg.format
-        model.config.pad_token_id = _pad_id(tokenizer)
+        model.config.pad_token_id = pad_id(tokenizer)
         if self.cfg.lora_r > 0:  # merged into the weights by `save_model`: model/ loads as a plain model
             from rewardlab.policy.lora import LoraSettings, add_adapters
 
@@ -258,7 +243,7 @@ class PRMTraining:
         probabilities: list[list[float]] = []
         for start in range(0, len(encoded), self.cfg.batch_size):
             chunk = encoded[start : start + self.cfg.batch_size]
-            ids, mask = _padded([i for i, _ in chunk], _pad_id(tokenizer), device)
+            ids, mask = padded([i for i, _ in chunk], pad_id(tokenizer), device)
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
             if self.cfg.format in LM_FORMATS:
                 probs = logits[..., self.candidates(tokenizer)].softmax(-1)[..., 0]
@@ -266,53 +251,6 @@ class PRMTraining:
                 probs = logits.softmax(-1)[..., 1]
             probabilities.extend(probs[r, positions].tolist() for r, (_, positions) in enumerate(chunk))
         return probabilities
-
-
-class ORMTraining:
-    """A Bradley-Terry reward model (num_labels=1) through TRL's RewardTrainer."""
-
-    def __init__(self, **settings: Any) -> None:
-        self.cfg = ORMTrainConfig(**{k: v for k, v in settings.items() if k != "_target_"})
-
-    @staticmethod
-    def key(row: dict) -> str:
-        return json.dumps(row["messages"])
-
-    def read(self, seed: int) -> list[dict]:
-        return read_preferences(self.cfg.data, self.cfg.pairs_per_prompt, seed)
-
-    def build(self, source: str, tokenizer):
-        from transformers import AutoModelForSequenceClassification
-
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
-        model.config.pad_token_id = _pad_id(tokenizer)
-        return model
-
-    def ids(self, tokenizer, messages: list[dict], completion: str) -> list[int]:
-        """The tokens reward=orm scores (its own text and special-token rule), cut to max_length."""
-        return tokenizer(orm_text(tokenizer, messages, completion), add_special_tokens=not tokenizer.chat_template,
-                         truncation=True, max_length=self.cfg.max_length)["input_ids"]
-
-    def trainer(self, model, tokenizer, rows: list[dict], settings: dict):
-        from datasets import Dataset
-        from trl import RewardConfig, RewardTrainer
-
-        data = Dataset.from_dict({
-            "chosen_ids": [self.ids(tokenizer, r["messages"], r["chosen"]) for r in rows],
-            "rejected_ids": [self.ids(tokenizer, r["messages"], r["rejected"]) for r in rows]})
-        args = RewardConfig(**settings, max_length=self.cfg.max_length, gradient_checkpointing=False)
-        return RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-
-    @torch.inference_mode()
-    def evaluate(self, model, tokenizer, rows: list[dict]) -> dict[str, float]:
-        device = next(model.parameters()).device
-        texts = [self.ids(tokenizer, r["messages"], r[side]) for r in rows for side in ("chosen", "rejected")]
-        scores: list[float] = []
-        for start in range(0, len(texts), self.cfg.batch_size):
-            ids, mask = _padded(texts[start : start + self.cfg.batch_size], _pad_id(tokenizer), device)
-            scores.extend(model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist())
-        wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(scores[::2], scores[1::2])]
-        return {"pair_accuracy": sum(wins) / len(wins)}
 
 
 def save_model(model, tokenizer, run_dir: Path) -> Path:
