@@ -138,6 +138,15 @@ def _plot_time_bars(ax, run: Run, keys: list[str]) -> None:
             bottom[x] = bottom.get(x, 0.0) + y
 
 
+def _proxy_and_gold_axes(ax, right, legend: dict[str, Any]) -> None:
+    """Label the proxy (left) and gold accuracy (right, in [0, 1]) axes, with one legend for both."""
+    right.set_ylim(-0.03, 1.03)
+    right.set_ylabel("gold accuracy (verifiable)")
+    ax.set_ylabel("proxy reward (training reward)")
+    handles = [h for a in (ax, right) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], **legend)
+
+
 def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
     """Draw one panel to `out` (PNG); returns the metrics drawn, or None when no run logged any."""
     import matplotlib  # here, not at import: a run registers every module's schema and needs no plotting
@@ -166,11 +175,7 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
                     axis.plot(*zip(*pairs), linestyle="none", color=f"C{i}" if len(runs) > 1 else ("C0" if marker == "o" else "C3"),
                               marker=marker, ms=4, mfc="none" if marker == "s" else None,
                               label=f"{run.label} · {key}" if len(runs) > 1 else key)
-        right.set_ylim(-0.03, 1.03)
-        right.set_ylabel("gold accuracy (verifiable)")
-        ax.set_ylabel("proxy reward (training reward)")
-        handles = [h for a in (ax, right) for h in a.get_legend_handles_labels()[0]]
-        ax.legend(handles, [h.get_label() for h in handles], **legend)
+        _proxy_and_gold_axes(ax, right, legend)
     elif panel.name == "gold_vs_proxy":
         right = ax.twinx()  # the proxy reward may live on any scale; gold accuracy is in [0, 1]
         proxy: list[float] = []
@@ -187,10 +192,7 @@ def draw_panel(panel: Panel, runs: list[Run], out: Path) -> list[str] | None:
         right.set_ylim(-0.03, 1.03)
         if proxy and 0 <= min(proxy) and max(proxy) <= 1:  # same scale on both sides when comparable
             ax.set_ylim(-0.03, 1.03)
-        right.set_ylabel("gold accuracy (verifiable)")
-        ax.set_ylabel("proxy reward (training reward)")
-        handles = [h for a in (ax, right) for h in a.get_legend_handles_labels()[0]]
-        ax.legend(handles, [h.get_label() for h in handles], **legend)
+        _proxy_and_gold_axes(ax, right, legend)
     else:
         for i, run in enumerate(runs):
             for j, key in enumerate(keys):
