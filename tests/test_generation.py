@@ -48,15 +48,19 @@ def test_native_sampling_logprobs_match_a_forward_pass(tiny_policy, prompts, tem
 
 def test_native_first_token_frequencies_follow_the_policy(tiny_policy, prompts):
     """Sampled first tokens follow softmax(logits / T): a tiny generator bug (wrong row, no temperature)
-    moves these frequencies far more than the tolerance."""
+    moves these frequencies far more than the tolerance. The prompt is the one whose next token the policy
+    is least sure of (the tiny policy is built on each machine, and how peaked it is varies with the CPU)."""
     torch.manual_seed(2)
     temperature, n = 2.0, 4000
-    prompt = prompts[:1]
+
+    def next_token_probs(example):
+        ids = torch.tensor(tiny_policy.tokenizer(example.prompt, add_special_tokens=False)["input_ids"])[None]
+        with torch.no_grad():
+            return torch.softmax(tiny_policy.model(ids).logits[0, -1] / temperature, dim=-1)
+
+    example, probs = min(((ex, next_token_probs(ex)) for ex in prompts), key=lambda pair: pair[1].max().item())
     batch = HFGenerator(tiny_policy, batch_size=n,
-                        sampling=Sampling(temperature=temperature, max_new_tokens=1)).generate(prompt, n=n)
-    ids = torch.tensor(tiny_policy.tokenizer(prompt[0].prompt, add_special_tokens=False)["input_ids"])[None]
-    with torch.no_grad():
-        probs = torch.softmax(tiny_policy.model(ids).logits[0, -1] / temperature, dim=-1)
+                        sampling=Sampling(temperature=temperature, max_new_tokens=1)).generate([example], n=n)
     counts = torch.bincount(torch.tensor([c[0] for c in batch.completion_ids]), minlength=len(probs)).float()
     assert (counts / n - probs).abs().max() < 0.03
     assert probs.max() < 0.9  # the test means something: T=2 spreads the mass over several tokens
