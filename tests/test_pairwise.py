@@ -77,3 +77,19 @@ def test_no_parsable_verdict_stops_with_a_user_error():
     reward.judge = CannedPairwise(lambda q: "[[D]]")
     with pytest.raises(UserError, match="pairwise judge outputs"):
         reward.score(group_batch({"p": ["#### 5", "#### 4"]}))
+
+
+def test_pairwise_gold_agreement_counts_only_right_vs_wrong_comparisons_the_judge_decided():
+    from rewardlab.rewards.pairwise import pairwise_gold_agreement
+
+    gold = [1.0, 0.0, 0.0, 1.0, None]
+    judged = {(0, 1): 0.9,  # right one wins: agrees
+              (2, 3): 0.8,  # wrong one (2) wins: disagrees
+              (0, 3): 0.1,  # both right: not counted
+              (1, 2): 0.5,  # both wrong: not counted
+              (3, 2): 0.5,  # a tie on right vs wrong: half
+              (0, 2): float("nan"),  # no verdict: not counted
+              (0, 4): 1.0}  # no gold: not counted
+    out = pairwise_gold_agreement(judged, gold)
+    assert out == {"judge/gold_agreement": pytest.approx(1.5 / 3), "judge/gold_comparisons": 3.0}
+    assert pairwise_gold_agreement(judged, None) == {} and pairwise_gold_agreement({}, gold) == {}

@@ -66,6 +66,7 @@ class PairwiseJudgeReward(Reward):
         self.judge = make_judge(spec, 0.0, 1.0, answer_format)
         self.fallback = None if fallback is None else RuleJudge(fallback, 0.0, 1.0, answer_format)
         self.stats: dict[str, float] = {}
+        self.judged: dict[tuple[int, int], float] = {}
 
     def bind(self, policy) -> None:
         if isinstance(self.judge, LLMJudge):
@@ -87,6 +88,7 @@ class PairwiseJudgeReward(Reward):
         half = len(comparisons)
         prob: dict[tuple[int, int], float] = {}
         agree = decided = fell_back = 0
+        judged: dict[tuple[int, int], float] = {}  # the judge's own P(i > j), before any fallback
         for n, (i, j) in enumerate(comparisons):
             forward = [v for v in verdicts[n] if v is not None]
             backward = [1.0 - v for v in verdicts[n + half] if v is not None]  # asked as (j, i)
@@ -94,6 +96,7 @@ class PairwiseJudgeReward(Reward):
                 decided += 1
                 agree += _side(mean_or_nan(forward)) == _side(mean_or_nan(backward))
             p = mean_or_nan(forward + backward)
+            judged[(i, j)] = p
             if math.isnan(p) and self.fallback is not None:
                 rule = self.fallback.preferences([batch.prompt[i]], [batch.completion[i]], [batch.completion[j]],
                                                  [batch.reference[i]])[0][0]
@@ -106,6 +109,7 @@ class PairwiseJudgeReward(Reward):
         batch.extra["pairwise_prefs"], batch.extra["group_index"] = prefs, [index[i] for i in range(len(batch))]
         rates = [mean_or_nan([p for p in row if not math.isnan(p)]) for row in prefs]
         samples = [v for row in verdicts for v in row]
+        self.judged = judged
         self.stats = {"judge/parse_failure_rate": sum(v is None for v in samples) / max(1, len(samples)),
                       "judge/comparisons": float(len(comparisons))}
         if isinstance(self.judge, LLMJudge):
@@ -121,7 +125,21 @@ class PairwiseJudgeReward(Reward):
         return rates
 
     def metrics(self, batch: Batch) -> dict[str, float]:
-        return dict(self.stats)
+        return {**self.stats, **pairwise_gold_agreement(self.judged, batch.gold)}
+
+
+def pairwise_gold_agreement(judged: dict[tuple[int, int], float], gold: list | None) -> dict[str, float]:
+    """How the judge's own verdicts (before any fallback) side with the gold label on the comparisons of one
+    right and one wrong completion: `judge/gold_agreement`, the share won by the right one (a tie counts half;
+    chance 0.5), and `judge/gold_comparisons`, how many such comparisons it decided. Empty without gold."""
+    if gold is None:
+        return {}
+    wins = [p if gold[i] else 1.0 - p for (i, j), p in judged.items()
+            if gold[i] is not None and gold[j] is not None and bool(gold[i]) != bool(gold[j]) and not math.isnan(p)]
+    if not wins:
+        return {}
+    return {"judge/gold_agreement": sum(1.0 if w > 0.5 else 0.5 if w == 0.5 else 0.0 for w in wins) / len(wins),
+            "judge/gold_comparisons": float(len(wins))}
 
 
 def _side(p: float) -> int:
