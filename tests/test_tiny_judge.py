@@ -26,13 +26,13 @@ def test_pointwise_label_follows_the_grader(completion, score):
     assert judge_score(completion, "12") == score
 
 
-def test_the_rationale_aligns_the_answers_and_marks_each_digit_place():
-    assert said("1+2=3\n#### 3") == "003" and said("") == "none"
-    assert pointwise_rationale("086", "087") == "086 vs 087\n==x\nScore: 1"
-    assert pointwise_rationale("086", "086") == "086 vs 086\n===\nScore: 5"
-    assert pointwise_rationale("086", "none") == "086 vs none\nxxx\nScore: 0"
-    assert pairwise_rationale("086", "086", "096") == "086 A 086 B 096\n=== =x=\n[[A]]"
-    assert pairwise_rationale("086", "085", "none") == "086 A 085 B none\n==x xxx\n[[C]]"
+def test_the_rationale_checks_the_answer_by_subtracting_it_from_the_judges_own():
+    assert said("1+2=3\n#### 3") == "3" and said("") == "none"
+    assert pointwise_rationale("86", "87") == "86-87=-1\nScore: 1"
+    assert pointwise_rationale("86", "86") == "86-86=0\nScore: 5"
+    assert pointwise_rationale("86", "none") == "no answer\nScore: 0"
+    assert pairwise_rationale("86", "86", "96") == "86-86=0\n86-96=-10\n[[A]]"
+    assert pairwise_rationale("86", "85", "none") == "86-85=1\nno answer\n[[C]]"
 
 
 def test_pairwise_label_names_the_right_one_or_a_tie():
@@ -51,14 +51,14 @@ def test_judging_rows_render_the_reward_templates_and_label_every_ordered_pair()
     point, pair = judging_rows(tokenizer, [ex], [[right, wrong, also_wrong]], random.Random(0))
     # the judge writes its own solution first, then the verdict
     assert sorted(point) == sorted([
-        (TINY_JUDGE_TEMPLATE.format(prompt=ex.prompt, response=right), right + "\n012 vs 012\n===\nScore: 5"),
-        (TINY_JUDGE_TEMPLATE.format(prompt=ex.prompt, response=wrong), right + "\n012 vs 013\n==x\nScore: 1"),
-        (TINY_JUDGE_TEMPLATE.format(prompt=ex.prompt, response=also_wrong), right + "\n012 vs 011\n==x\nScore: 1")])
+        (TINY_JUDGE_TEMPLATE.format(prompt=ex.prompt, response=right), right + "\n12-12=0\nScore: 5"),
+        (TINY_JUDGE_TEMPLATE.format(prompt=ex.prompt, response=wrong), right + "\n12-13=-1\nScore: 1"),
+        (TINY_JUDGE_TEMPLATE.format(prompt=ex.prompt, response=also_wrong), right + "\n12-11=1\nScore: 1")])
     # 4 ordered pairs with exactly one right answer, and as many of the 2 ties as there are: both
     verdicts = sorted(label.rsplit("\n", 1)[1] for _, label in pair)
     assert verdicts == ["[[A]]", "[[A]]", "[[B]]", "[[B]]", "[[C]]", "[[C]]"]
     assert (TINY_PAIRWISE_TEMPLATE.format(prompt=ex.prompt, first=right, second=wrong),
-            right + "\n012 A 012 B 013\n=== ==x\n[[A]]") in pair
+            right + "\n12-12=0\n12-13=-1\n[[A]]") in pair
     # every character of the rows is one token of the extended vocabulary (no <unk>)
     for query, answer in point + pair:
         assert tokenizer.unk_token_id not in tokenizer(query + answer, add_special_tokens=False)["input_ids"]
@@ -67,13 +67,20 @@ def test_judging_rows_render_the_reward_templates_and_label_every_ordered_pair()
 def test_comparison_rows_are_the_rationales_last_lines_with_consistent_verdicts():
     import random
 
-    for prompt, answer in comparison_rows(random.Random(0), 200):
-        own = prompt.split(" ", 1)[0]
-        if " vs " in prompt:
-            assert pointwise_rationale(own, prompt.split(" vs ")[1].strip()) == prompt + answer
+    rows = comparison_rows(random.Random(0), 400, context=["1+2=3\n#### 3"])
+    assert any(p.startswith("1+2=3\n#### 3\n") for p, _ in rows) and any(p[0].isdigit() and "#" not in p for p, _ in rows)
+    for prompt, answer in rows:
+        text = prompt.removeprefix("1+2=3\n#### 3\n") + answer
+        lines = text.split("\n")
+        if all(line == "no answer" for line in lines[:-1]):  # nothing to subtract
+            assert text in ("no answer\nScore: 0", "no answer\nno answer\n[[C]]")
+            continue
+        own = next(line.split("-")[0] for line in lines if "-" in line and "=" in line)
+        quoted = ["none" if line == "no answer" else line.split("-", 1)[1].split("=")[0] for line in lines[:-1]]
+        if len(quoted) == 1:
+            assert pointwise_rationale(own, quoted[0]) == text
         else:
-            first, second = prompt.split(" A ")[1].strip().split(" B ")
-            assert pairwise_rationale(own, first, second) == prompt + answer
+            assert pairwise_rationale(own, *quoted) == text
 
 
 def test_reward_configs_send_the_templates_the_judge_was_trained_on():

@@ -51,7 +51,7 @@ class TinyBuild:
     judge: bool = False
     judge_prompts: int = 1000  # warm-start problems whose samples by the solving model are judged
     judge_samples: int = 4  # samples per problem (temperature 1)
-    judge_compare_steps: int = 1200  # first, steps on short answer-comparison rows alone
+    judge_compare_steps: int = 800  # first, steps on short answer-check rows alone
     judge_steps: int = 600  # then steps on solving, pointwise, pairwise and comparison rows
     judge_lr: float = 1e-3
 

@@ -4,18 +4,19 @@ Temporal Self-Rewarding, Pref-GRPO and DNO run on the embedded default with the 
 
 Judging rows come from the solving-only tiny model's own samples (temperature 1) on its warm-start problems,
 labelled by the exact arith checker, never by hand. As a judge justifies before it scores, the tiny judge first
-solves the problem itself (the reference solution is its target), then writes its own answer and the one it
-judges aligned on 3 digit places, a mark per place ("=" same digit, "x" not), then its verdict:
-- pointwise: TINY_JUDGE_TEMPLATE (conf/reward/tiny_judge.yaml) answered "<solution>\n086 vs 087\n==x\n
-  Score: 1": 5 for the right answer, 1 for a wrong one, 0 for none. A score >= 3 means "right", so the judge
+solves the problem itself (the reference solution is its target), then subtracts the answer it judges from its
+own, then gives its verdict:
+- pointwise: TINY_JUDGE_TEMPLATE (conf/reward/tiny_judge.yaml) answered "<solution>\n86-87=-1\nScore: 1":
+  5 for the right answer, 1 for a wrong one, 0 for none ("no answer"). A score >= 3 means "right", so the judge
   reward's threshold for `judge/gold_agreement` (the middle of 0-5) separates the classes.
-- pairwise: TINY_PAIRWISE_TEMPLATE (conf/reward/tiny_pairwise_judge.yaml) answered "<solution>\n086 A 086 B
-  087\n=== ==x\n[[A]]": "[[A]]" / "[[B]]" when exactly one of the two is right, "[[C]]" when both are right or
+- pairwise: TINY_PAIRWISE_TEMPLATE (conf/reward/tiny_pairwise_judge.yaml) answered "<solution>\n86-86=0\n
+  86-87=-1\n[[A]]": "[[A]]" / "[[B]]" when exactly one of the two is right, "[[C]]" when both are right or
   both wrong (as many tie rows as decisive ones).
-Why this form: a judge trained to answer with the score alone, or with the two answers quoted unaligned,
-answered at chance after 600 steps although its own solutions were right 80% of the time: comparing two
-numbers is what a 1M-parameter model learns slowest. Aligned digit places make it a fixed-offset comparison,
-learnt first on short rows of the rationale's last lines alone (`judge_compare_steps`), then with the full rows.
+Why this form: a judge trained to answer with the score alone, with the two answers quoted, or aligned digit by
+digit with a mark per place, stayed at chance (its own solutions were right 80% of the time): comparing two
+numbers is what this 1M-parameter model learns slowest, while computing is what it does best, so the check is a
+subtraction, learnt first on short rows of the rationale's last lines alone (`judge_compare_steps`), then with
+the full rows.
 Each query is rendered exactly as the judge reward sends it (rewardlab.rewards.judge.render_query). The judge
 learns what a 1M-parameter model learns in a few hundred steps: real, imperfect skill, measured at build time on
 samples of held-out problems and written to `rewardlab_build.json` (`judge_skill`). The training loop is
@@ -43,7 +44,7 @@ from rewardlab.steps import split_steps
 JUDGE_CHARS = list(string.ascii_letters + "[],")
 TINY_JUDGE_TEMPLATE = "Judge the solution.\n{prompt}{response}\nScore 0-5:\n"
 TINY_PAIRWISE_TEMPLATE = "Which is right?\n{prompt}A:\n{first}\nB:\n{second}\nVerdict:\n"
-JUDGE_TOKENS = 64  # room for the judge's own solution and its verdict (the presets' reward.judge.max_new_tokens)
+JUDGE_TOKENS = 80  # room for the judge's own solution and its verdict (the presets' reward.judge.max_new_tokens)
 HELD_OUT = 200  # warm-start problems kept out of the judging rows, to measure the judge at build time
 
 
@@ -55,29 +56,28 @@ def judge_score(completion: str, reference: str) -> int:
 
 
 def said(completion: str) -> str:
-    """The final answer a completion gives as the judge quotes it: digits padded to 3 places ("none" without one)."""
-    answer = extract_answer(completion)
-    if answer is None:
-        return "none"
-    return answer.zfill(3) if answer.isdigit() else answer
+    """The final answer a completion gives as the judge quotes it ("none" without one)."""
+    return extract_answer(completion) or "none"
 
 
-def marks(own: str, quoted: str) -> str:
-    """One mark per digit place: "=" where the quoted answer has the judge's digit, "x" where not."""
+def difference(own: str, quoted: str) -> str:
+    """The judge's check line: its own answer minus the quoted one, computed ("no answer" without one)."""
     if quoted == "none":
-        return "x" * len(own)
-    return "".join("=" if a == b else "x" for a, b in zip(own.ljust(len(quoted)), quoted.ljust(len(own))))
+        return "no answer"
+    try:
+        return f"{own}-{quoted}={int(own) - int(quoted)}"
+    except ValueError:  # not an integer: nothing to subtract
+        return f"{own}-{quoted}=?"
 
 
 def pointwise_rationale(own: str, quoted: str) -> str:
-    """The judge's last lines after its own solution: the two answers aligned, the digit marks, the score."""
+    """The judge's last lines after its own solution: the check line, then the score."""
     score = 0 if quoted == "none" else 5 if quoted == own else 1
-    return f"{own} vs {quoted}\n{marks(own, quoted)}\nScore: {score}"
+    return f"{difference(own, quoted)}\nScore: {score}"
 
 
 def pairwise_rationale(own: str, first: str, second: str) -> str:
-    return (f"{own} A {first} B {second}\n{marks(own, first)} {marks(own, second)}\n"
-            f"{verdict(first == own, second == own)}")
+    return f"{difference(own, first)}\n{difference(own, second)}\n{verdict(first == own, second == own)}"
 
 
 def verdict(first_right: bool, second_right: bool) -> str:
@@ -124,31 +124,30 @@ def judging_rows(tokenizer, examples: list[Example], samples: list[list[str]], r
 
 
 def comparison_rows(rng: random.Random, n: int, context: list[str] | None = None) -> list[tuple[str, str]]:
-    """Short rows of the rationale's last lines alone: the two (or three) aligned answers -> marks and verdict.
-    The full rows teach this comparison far too slowly (one verdict token after a long context: a judge trained
-    on them alone answered at chance after 600 steps, though its own solutions were right 80% of the time);
-    on these rows alone it is learnt suddenly after ~800 steps. Half the quoted answers are the judge's; the
-    rest near misses. With `context` (solutions), half the rows start with one of them, so the comparison is
-    learnt among the digits of a solution, as in the full rows, not only on a bare line."""
+    """Short rows of the rationale's last lines alone: the judge's answer minus the quoted one -> difference and
+    verdict. The full rows teach the check far too slowly (one verdict token after a long context); on these rows
+    the subtraction is learnt in a few hundred steps. Half the quoted answers are the judge's; the rest near
+    misses. With `context` (solutions), half the rows start with one of them, as in the full rows."""
 
     def near(x: int) -> str:
         kind = rng.random()
         if kind < 0.5:
-            return str(x).zfill(3)
+            return str(x)
         if kind < 0.55:
             return "none"
-        return str(max(0, x + rng.choice([-11, -10, -9, -2, -1, 1, 2, 9, 10, 11, rng.randint(-60, 60) or 1]))).zfill(3)
+        return str(max(0, x + rng.choice([-11, -10, -9, -2, -1, 1, 2, 9, 10, 11, rng.randint(-60, 60) or 1])))
 
     rows = []
     for _ in range(n):
         x = rng.randint(0, 150)
-        own = str(x).zfill(3)
         if rng.random() < 0.5:
-            lines = pointwise_rationale(own, near(x)).split("\n", 1)
+            text = pointwise_rationale(str(x), near(x))
         else:
-            lines = pairwise_rationale(own, near(x), near(x)).split("\n", 1)
+            text = pairwise_rationale(str(x), near(x), near(x))
+        first = text.split("\n", 1)[0]
+        cut = text.index("=") + 1 if "=" in first else len(first) + 1
         prefix = rng.choice(context) + "\n" if context and rng.random() < 0.5 else ""
-        rows.append((prefix + lines[0] + "\n", lines[1]))
+        rows.append((prefix + text[:cut], text[cut:]))
     return rows
 
 
