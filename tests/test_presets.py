@@ -87,7 +87,7 @@ def test_judge_without_fallback_on_the_tiny_policy_stops_with_one_line(tiny_poli
 
 
 CLAIM_PRESETS = {"rest_em": 2, "label_free": 3, "pure_learned": 4, "clip_delta": 3, "overoptimization": 1,
-                 "temporal_vs_self_rewarding": 2}
+                 "temporal_vs_self_rewarding": 4}
 
 
 @pytest.mark.slow
