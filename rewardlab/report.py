@@ -60,6 +60,10 @@ PANELS = (
     Panel("kl", "KL to the reference policy", "KL (k3, per token)", _fixed("kl")),
     Panel("length", "Completion length", "tokens", _fixed("length/mean", "length/max", "eval/length")),
     Panel("time", "Seconds per stage", "seconds", _fixed(*STAGES)),
+    Panel("judge", "The policy as its own judge: agreement of its verdicts with the gold label", "agreement",
+          _fixed("judge/gold_agreement")),
+    Panel("pairs", "Preference pairs: reward of the chosen and the rejected side, and their gap", "reward",
+          _fixed("pairs/reward_margin", "pairs/chosen_reward", "pairs/rejected_reward")),
     Panel("proxy_gold_vs_kl", "Proxy reward and gold accuracy against sqrt(KL) from the start (Gao et al.)",
           "proxy reward", lambda keys: ["reward/mean", "gold/accuracy"] if {"reward/mean", "gold/accuracy", "kl"} <= keys
           else []),

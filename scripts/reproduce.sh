@@ -12,7 +12,7 @@ RL=${RL:-.venv/bin/rewardlab}
 ROOT=${ROOT:-runs/reproduce}
 DOCS=docs/experiments
 PRESETS=("$@")
-[ ${#PRESETS[@]} -gt 0 ] || PRESETS=(rest_em label_free pure_learned clip_delta overoptimization credit_assignment)
+[ ${#PRESETS[@]} -gt 0 ] || PRESETS=(rest_em label_free pure_learned clip_delta overoptimization credit_assignment temporal_vs_self_rewarding)
 mkdir -p "$DOCS" "$ROOT"
 start=$(date +%s)
 for preset in "${PRESETS[@]}"; do

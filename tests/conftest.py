@@ -32,6 +32,14 @@ def tiny_policy():
     return load_policy(name="tiny", device="cpu", log=lambda *_: None)
 
 
+@pytest.fixture(scope="session")
+def tiny_judge_policy(tiny_policy):
+    """The judging tiny policy (policy=tiny_judge), built once per machine from the cached tiny one."""
+    from rewardlab.policy import load_policy
+
+    return load_policy(name="tiny", tiny={"judge": True}, device="cpu", log=lambda *_: None)
+
+
 SMALL_RUN = ("logger=none", "run.iterations=2", "run.eval_every=2", "run.eval_size=16",
              "run.prompts_per_iteration=4")
 

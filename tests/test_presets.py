@@ -16,8 +16,7 @@ from conftest import read_metrics, run_cli
 
 FAST = ["logger=none", "run.eval_every=2", "run.eval_size=4", "run.prompts_per_iteration=3",
         "algo.samples_per_prompt=2"]
-FAST_JUDGE = ["reward.judge.samples=1", "reward.judge.max_new_tokens=4"]
-
+FAST_JUDGE = ["reward.judge.samples=1"]
 
 def run_preset(tmp_path, iterations: int, overrides: list[str]) -> list[dict]:
     register_schemas()
@@ -29,17 +28,19 @@ def run_preset(tmp_path, iterations: int, overrides: list[str]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_self_rewarding_records_judge_failures_and_trains(tiny_policy, tmp_path):
+def test_self_rewarding_trains_on_the_policys_own_judgement(tiny_judge_policy, tmp_path):
+    """The judging tiny policy scores its own samples with no fallback rule: its outputs parse, and its agreement
+    with the gold label is logged (its level is measured in docs/experiments.md, not asserted on 6 rows)."""
     rows = run_preset(tmp_path, 1, ["experiment=self_rewarding", *FAST_JUDGE])
     row = rows[1]
-    # the tiny policy cannot write "Score: n": every row is a parse failure, scored by the fallback rule
-    assert row["judge/parse_failure_rate"] == 1.0 and row["judge/fallback_rate"] == 1.0
+    assert row["judge/parse_failure_rate"] < 0.1 and "judge/fallback_rate" not in row
+    assert 0.0 <= row["judge/gold_agreement"] <= 1.0
     assert row["pairs/built"] + row["pairs/skipped"] == 3
     assert row["pairs/built"] == 0 or {"dpo/margins", "dpo/accuracies"} <= set(row)
 
 
 @pytest.mark.slow
-def test_temporal_self_rewarding_anchors_to_the_initial_models_samples(tiny_policy, tmp_path):
+def test_temporal_self_rewarding_anchors_to_the_initial_models_samples(tiny_judge_policy, tmp_path):
     rows = run_preset(tmp_path, 2, ["experiment=temporal_self_rewarding", *FAST_JUDGE])
     assert rows[1]["anchors/prompts_sampled"] == 0 and rows[1]["anchors/stored_prompts"] == 3
     # new prompts are sampled from a frozen initial model only once the policy has been updated; while
@@ -48,7 +49,8 @@ def test_temporal_self_rewarding_anchors_to_the_initial_models_samples(tiny_poli
     updated = rows[1]["pairs/built"] > 0
     assert rows[2]["anchors/prompts_sampled"] == (3 if updated else 0) and rows[2]["anchors/stored_prompts"] == 6
     for row in rows[1:]:
-        assert row["pairs/built"] + row["pairs/skipped"] == 3 and "judge/parse_failure_rate" in row
+        assert row["pairs/built"] + row["pairs/skipped"] == 3 and row["judge/parse_failure_rate"] < 0.1
+        assert "judge/gold_agreement" in row
 
 
 @pytest.mark.slow
@@ -61,11 +63,18 @@ def test_spin_builds_real_pairs_on_arith(tiny_policy, tmp_path):
 
 
 @pytest.mark.slow
-def test_pref_grpo_trains_grpo_on_win_rates(tiny_policy, tmp_path):
-    # 4 prompts: with 3, every group's two samples tie (win rate 0.5 each), no gradient, a skipped update
+def test_pref_grpo_trains_grpo_on_win_rates(tiny_judge_policy, tmp_path):
     row = run_preset(tmp_path, 1, ["experiment=pref_grpo", *FAST_JUDGE, "run.prompts_per_iteration=4"])[1]
-    assert row["judge/comparisons"] == 4 and "judge/parse_failure_rate" in row and "loss" in row
+    assert row["judge/comparisons"] == 4 and row["judge/parse_failure_rate"] < 0.1 and "judge/fallback_rate" not in row
     assert 0.0 <= row["reward/mean"] <= 1.0 and math.isfinite(row["reward/pairwise_judge/mean"])
+    assert row.get("loss") is not None or row.get("update/skipped")  # a group of ties has no gradient
+
+
+@pytest.mark.slow
+def test_dno_pairs_come_from_the_policys_own_pairwise_verdicts(tiny_judge_policy, tmp_path):
+    row = run_preset(tmp_path, 1, ["experiment=dno", *FAST_JUDGE, "run.prompts_per_iteration=4"])[1]
+    assert row["judge/parse_failure_rate"] < 0.1 and "judge/fallback_rate" not in row
+    assert row["pairs/built"] + row["pairs/skipped"] == 4
 
 
 @pytest.mark.slow
@@ -77,12 +86,13 @@ def test_judge_without_fallback_on_the_tiny_policy_stops_with_one_line(tiny_poli
     assert "Traceback" not in result.stderr
 
 
-CLAIM_PRESETS = {"rest_em": 2, "label_free": 3, "pure_learned": 4, "clip_delta": 3, "overoptimization": 1}
+CLAIM_PRESETS = {"rest_em": 2, "label_free": 3, "pure_learned": 4, "clip_delta": 3, "overoptimization": 1,
+                 "temporal_vs_self_rewarding": 4}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(CLAIM_PRESETS))
-def test_each_claim_preset_runs_every_arm_end_to_end(preset: str, tmp_path: Path):
+def test_each_claim_preset_runs_every_arm_end_to_end(preset: str, tmp_path: Path, tiny_judge_policy):
     """docs/experiments.md's presets, one seed and one tiny iteration per arm: every arm of the sweep trains and
     logs what its table reads (eval at the start and end, gold beside the reward; KL where the preset sets beta)."""
     sweep = tmp_path / preset
@@ -96,3 +106,5 @@ def test_each_claim_preset_runs_every_arm_end_to_end(preset: str, tmp_path: Path
         assert [r["iteration"] for r in rows] == [0, 1] and "eval/accuracy" in rows[0] and "eval/accuracy" in rows[1]
         assert "gold/accuracy" in rows[1] and "reward/mean" in rows[1]
         assert ("kl" in rows[1]) == (preset in ("pure_learned", "clip_delta", "overoptimization"))
+        if preset == "temporal_vs_self_rewarding":  # the policy judged itself, no fallback
+            assert rows[1]["judge/parse_failure_rate"] < 0.1 and "judge/fallback_rate" not in rows[1]

@@ -21,7 +21,9 @@ def write_run(run_dir: Path, reward_slope: float, with_kl: bool = True) -> None:
     for i in range(1, 5):
         row = {"iteration": i, "reward/mean": 0.2 + reward_slope * i, "reward/verifiable/mean": 0.2 + reward_slope * i,
                "gold/accuracy": 0.2 + reward_slope * i, "length/mean": 20.0 + i, "length/max": 30.0,
-               "time/generate": 2.0, "time/score": 0.1, "time/update": 1.0, "world_size": 2}
+               "time/generate": 2.0, "time/score": 0.1, "time/update": 1.0, "world_size": 2,
+               "judge/gold_agreement": 0.8 - 0.05 * i, "pairs/chosen_reward": 4.0, "pairs/rejected_reward": 1.0 + 0.5 * i,
+               "pairs/reward_margin": 3.0 - 0.5 * i}
         if with_kl:
             row["kl"] = 0.01 * i
         if i % 2 == 0:

@@ -46,18 +46,30 @@ class TinyBuild:
     warmup_lr: float = 2e-3
     warmup_batch_size: int = 64
     seed: int = 0
+    # policy=tiny_judge: letters in the vocabulary and a second warm start mixing solving and judging rows
+    # (rewardlab/policy/tiny_judge.py); the solving-only model above is its starting point
+    judge: bool = False
+    judge_prompts: int = 1000  # warm-start problems whose samples by the solving model are judged
+    judge_samples: int = 4  # samples per problem (temperature 1)
+    judge_compare_steps: int = 800  # first, steps on short answer-check rows alone
+    judge_steps: int = 600  # then steps on solving, pointwise, pairwise and comparison rows
+    judge_lr: float = 1e-3
 
     def key(self) -> str:
-        blob = json.dumps({"v": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if not self.judge:  # the judge settings do not touch the solving-only model (its old key is kept)
+            fields = {k: v for k, v in fields.items() if not k.startswith("judge")}
+        blob = json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def build_tokenizer():
-    """A character-level fast tokenizer: every symbol is one token; `<eos>` ends a completion."""
+def build_tokenizer(extra: list[str] | None = None):
+    """A character-level fast tokenizer: every symbol is one token; `<eos>` ends a completion. `extra`
+    characters get ids after the base ones, so a base model's ids stay valid."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS + list(extra or []))}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
@@ -82,16 +94,26 @@ def warm_start(model, tokenizer, spec: TinyBuild, log=print) -> None:
     task = ArithTask(seed=spec.seed + 1)
     examples = task.train_examples()
     rng = random.Random(spec.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.warmup_lr, weight_decay=0.0)
+
+    def draw() -> list[tuple[str, str]]:
+        return [(ex.prompt, ex.solution) for ex in rng.sample(examples, spec.warmup_batch_size)]
+
+    supervised(model, tokenizer, draw, spec.warmup_steps, spec.warmup_lr, log=log, what="tiny warm start")
+
+
+def supervised(model, tokenizer, draw: Callable[[], list[tuple[str, str]]], steps: int, lr: float, log=print,
+               what: str = "warm start") -> None:
+    """`steps` AdamW steps on batches of (prompt, completion) texts from `draw()`: next-token loss on the
+    completion and the `<eos>` that ends it, none on the prompt."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     eos = tokenizer.eos_token_id
     model.train()
     start = time.time()
-    for step in range(spec.warmup_steps):
-        batch = rng.sample(examples, spec.warmup_batch_size)
+    for step in range(steps):
         seqs, masks = [], []
-        for ex in batch:
-            p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
-            c = tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos]
+        for prompt, completion in draw():
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
             seqs.append(p + c)
             masks.append([0] * len(p) + [1] * len(c))
         width = max(map(len, seqs))
@@ -105,8 +127,7 @@ def warm_start(model, tokenizer, spec: TinyBuild, log=print) -> None:
         loss.backward()
         optimizer.step()
         if (step + 1) % 100 == 0:
-            log(f"tiny warm start: step {step + 1}/{spec.warmup_steps} loss {loss.item():.3f} "
-                f"({time.time() - start:.0f}s)")
+            log(f"{what}: step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
     model.eval()
 
 
@@ -155,7 +176,11 @@ def save_char_tokenizer(tokenizer, directory: Path) -> None:
 
 
 def ensure_tiny(spec: TinyBuild, log=print) -> Path:
-    """Return the cached tiny model directory, building it first if needed."""
+    """Return the cached tiny model directory, building it first if needed (the judging one: tiny_judge.py)."""
+    if spec.judge:
+        from rewardlab.policy.tiny_judge import ensure_tiny_judge
+
+        return ensure_tiny_judge(spec, log=log)
 
     def build(tmp: Path) -> None:
         with torch.random.fork_rng(devices=[]):  # the caller's seeded RNG stream is left as it was

@@ -1,0 +1,110 @@
+"""The judging tiny policy (policy=tiny_judge): its labels follow the exact checker, its prompts are the ones the
+reward configs send, its base ids are the tiny policy's, and the model it builds judges with real skill."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from rewardlab.config import register_schemas
+from rewardlab.policy.tiny import CHARS, SPECIALS, TinyBuild, build_tokenizer
+from rewardlab.policy.tiny_judge import (JUDGE_CHARS, TINY_JUDGE_TEMPLATE, TINY_PAIRWISE_TEMPLATE, comparison_rows,
+                                         judge_score, judging_rows, pairwise_rationale, pointwise_rationale, said,
+                                         verdict)
+
+
+@pytest.mark.parametrize("completion, score", [
+    ("7+0=7\n7+5=12\n#### 12", 5),
+    ("7+0=8\n8+5=12\n#### 12", 5),  # the grader reads the final answer only
+    ("7+0=7\n7+5=13\n#### 13", 1),
+    ("13", 1),  # a wrong bare answer
+    ("", 0),  # no answer
+])
+def test_pointwise_label_follows_the_grader(completion, score):
+    assert judge_score(completion, "12") == score
+
+
+def test_the_rationale_checks_the_answer_by_subtracting_it_from_the_judges_own():
+    assert said("1+2=3\n#### 3") == "3" and said("") == "none"
+    assert pointwise_rationale("86", "87") == "86-87=-1\nScore: 1"
+    assert pointwise_rationale("86", "86") == "86-86=0\nScore: 5"
+    assert pointwise_rationale("86", "none") == "no answer\nScore: 0"
+    assert pairwise_rationale("86", "86", "96") == "86-86=0\n86-96=-10\n[[A]]"
+    assert pairwise_rationale("86", "85", "none") == "86-85=1\nno answer\n[[C]]"
+
+
+def test_pairwise_label_names_the_right_one_or_a_tie():
+    assert [verdict(True, False), verdict(False, True), verdict(True, True), verdict(False, False)] == \
+        ["[[A]]", "[[B]]", "[[C]]", "[[C]]"]
+
+
+def test_judging_rows_render_the_reward_templates_and_label_every_ordered_pair():
+    import random
+
+    from rewardlab.data.base import Example
+
+    tokenizer = build_tokenizer(extra=JUDGE_CHARS)
+    right, wrong, also_wrong = "7+0=7\n7+5=12\n#### 12", "7+0=7\n7+5=13\n#### 13", "7+0=6\n6+5=11\n#### 11"
+    ex = Example(id="0", prompt="7+0+5=?\n", answer="12", solution=right)
+    point, pair = judging_rows(tokenizer, [ex], [[right, wrong, also_wrong]], random.Random(0))
+    # the judge writes its own solution first, then the verdict
+    assert sorted(point) == sorted([
+        (TINY_JUDGE_TEMPLATE.format(prompt=ex.prompt, response=right), right + "\n12-12=0\nScore: 5"),
+        (TINY_JUDGE_TEMPLATE.format(prompt=ex.prompt, response=wrong), right + "\n12-13=-1\nScore: 1"),
+        (TINY_JUDGE_TEMPLATE.format(prompt=ex.prompt, response=also_wrong), right + "\n12-11=1\nScore: 1")])
+    # 4 ordered pairs with exactly one right answer, and as many of the 2 ties as there are: both
+    verdicts = sorted(label.rsplit("\n", 1)[1] for _, label in pair)
+    assert verdicts == ["[[A]]", "[[A]]", "[[B]]", "[[B]]", "[[C]]", "[[C]]"]
+    assert (TINY_PAIRWISE_TEMPLATE.format(prompt=ex.prompt, first=right, second=wrong),
+            right + "\n12-12=0\n12-13=-1\n[[A]]") in pair
+    # every character of the rows is one token of the extended vocabulary (no <unk>)
+    for query, answer in point + pair:
+        assert tokenizer.unk_token_id not in tokenizer(query + answer, add_special_tokens=False)["input_ids"]
+
+
+def test_comparison_rows_are_the_rationales_last_lines_with_consistent_verdicts():
+    import random
+
+    rows = comparison_rows(random.Random(0), 400, context=["1+2=3\n#### 3"])
+    assert any(p.startswith("1+2=3\n#### 3\n") for p, _ in rows) and any(p[0].isdigit() and "#" not in p for p, _ in rows)
+    for prompt, answer in rows:
+        text = prompt.removeprefix("1+2=3\n#### 3\n") + answer
+        lines = text.split("\n")
+        if all(line == "no answer" for line in lines[:-1]):  # nothing to subtract
+            assert text in ("no answer\nScore: 0", "no answer\nno answer\n[[C]]")
+            continue
+        own = next(line.split("-")[0] for line in lines if "-" in line and "=" in line)
+        quoted = ["none" if line == "no answer" else line.split("-", 1)[1].split("=")[0] for line in lines[:-1]]
+        if len(quoted) == 1:
+            assert pointwise_rationale(own, quoted[0]) == text
+        else:
+            assert pairwise_rationale(own, *quoted) == text
+
+
+def test_reward_configs_send_the_templates_the_judge_was_trained_on():
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="rewardlab.conf", version_base="1.3"):
+        point = compose(config_name="train", overrides=["experiment=self_rewarding"])
+        pair = compose(config_name="train", overrides=["experiment=pref_grpo"])
+    assert point.reward.template == TINY_JUDGE_TEMPLATE and point.reward.fallback is None
+    assert pair.reward.template == TINY_PAIRWISE_TEMPLATE and pair.reward.fallback is None
+    assert point.policy.tiny.judge and pair.policy.tiny.judge
+
+
+def test_the_extended_vocabulary_keeps_the_tiny_policys_ids_and_cache_key():
+    base, extended = build_tokenizer(), build_tokenizer(extra=JUDGE_CHARS)
+    assert all(extended.convert_tokens_to_ids(t) == base.convert_tokens_to_ids(t) for t in SPECIALS + CHARS)
+    assert len(extended) == len(base) + len(JUDGE_CHARS)
+    assert TinyBuild().key() == TinyBuild(judge_steps=1).key() != TinyBuild(judge=True).key()
+
+
+@pytest.mark.slow
+def test_the_built_judge_parses_and_beats_the_majority_class_on_held_out_problems(tiny_judge_policy):
+    """Measured at build time on samples of problems the judging rows never saw."""
+    skill = json.loads((Path(tiny_judge_policy.source) / "rewardlab_build.json").read_text())["judge_skill"]
+    assert skill["point_parse_rate"] >= 0.95 and skill["pair_parse_rate"] >= 0.95
+    assert skill["point_agreement"] > skill["point_majority_share"] + 0.05
+    assert skill["pair_agreement"] > 0.6  # chance: 0.5
