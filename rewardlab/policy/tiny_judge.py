@@ -38,8 +38,6 @@ from rewardlab.data.arith import ArithTask
 from rewardlab.data.base import Example
 from rewardlab.policy.tiny import (TinyBuild, build_tokenizer, cached_build, ensure_tiny, save_char_tokenizer,
                                    supervised)
-from rewardlab.rewards.arith_steps import gold_check
-from rewardlab.steps import split_steps
 
 JUDGE_CHARS = list(string.ascii_letters + "[],")
 TINY_JUDGE_TEMPLATE = "Judge the solution.\n{prompt}{response}\nScore 0-5:\n"
