@@ -2,7 +2,8 @@
 iteration in-process, and each either trained (a loss logged), or skipped its update with `update/skipped`
 = 1 and a warning giving the reason, or was refused at start with one line (a UserError: exit 2 from the
 CLI), before any metrics row was written. `reward=orm` is given a tiny saved sequence classifier (no default model);
-the judges fall back to the `correct` rule, as the presets do, because the tiny policy cannot judge."""
+the paper-prompt judges fall back to the `correct` rule because the tiny policy cannot judge, and the compact-prompt
+judges (tiny_judge, tiny_pairwise_judge) run on the judging tiny policy they were made for, with no fallback."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ RUN = ["logger=none", "run.iterations=1", "run.eval_every=1", "run.eval_size=1",
        "algo.samples_per_prompt=4", "run.threads=1", "run.save_rollouts=false", "run.keep_checkpoints=1"]
 ARITH = ["dataset.train_size=256", "dataset.test_size=4"]  # the default splits (20,500 problems) take ~1 s to build
 SETTINGS = {"judge": ["reward.fallback=correct", "reward.judge.samples=1", "reward.judge.max_new_tokens=8"],
-            "pairwise_judge": ["reward.fallback=correct", "reward.judge.max_new_tokens=8"]}
+            "pairwise_judge": ["reward.fallback=correct", "reward.judge.max_new_tokens=8"],
+            "tiny_judge": ["policy=tiny_judge", "reward.judge.samples=1", "reward.judge.max_new_tokens=80"],
+            "tiny_pairwise_judge": ["policy=tiny_judge", "reward.judge.max_new_tokens=80"]}
 
 
 def choices(group: str) -> list[str]:
@@ -67,7 +70,7 @@ def outcome(reward: str, algo: str, run_dir, orm_model) -> str:
 
 
 @pytest.mark.slow
-def test_every_reward_and_algorithm_trains_or_says_why_not(tmp_path, orm_model):
+def test_every_reward_and_algorithm_trains_or_says_why_not(tmp_path, orm_model, tiny_judge_policy):
     threads = torch.get_num_threads()
     results = {}
     try:
