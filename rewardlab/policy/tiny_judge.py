@@ -97,8 +97,8 @@ def sample_solutions(directory: Path, examples: list[Example], n: int) -> list[l
 def judging_rows(tokenizer, examples: list[Example], samples: list[list[str]], rng: random.Random):
     """(query, answer) pointwise and pairwise rows for each problem's samples, queries rendered as the judge
     rewards render them. The answer is the judge's rationale, then its verdict: the reference solution (the
-    judge solves the problem itself, as a judge justifies before it scores), the answer(s) it judges quoted
-    beside its own, then the score or the verdict. Pairs: every ordered pair of distinct samples of
+    judge solves the problem itself, as a judge justifies before it scores), its own answer minus each judged
+    one, then the score or the verdict. Pairs: every ordered pair of distinct samples of
     a problem where exactly one is right, and as many ties."""
     from rewardlab.rewards.judge import render_query
 
