@@ -10,9 +10,9 @@ from hydra.core.global_hydra import GlobalHydra
 
 from rewardlab.config import register_schemas
 from rewardlab.policy.tiny import CHARS, SPECIALS, TinyBuild, build_tokenizer
-from rewardlab.policy.tiny_judge import (JUDGE_CHARS, TINY_JUDGE_TEMPLATE, TINY_PAIRWISE_TEMPLATE, comparison_rows,
-                                         judge_score, judging_rows, pairwise_rationale, pointwise_rationale, said,
-                                         verdict)
+from rewardlab.policy.tiny_judge import (JUDGE_CHARS, JUDGE_TOKENS, TINY_JUDGE_TEMPLATE, TINY_PAIRWISE_TEMPLATE,
+                                         comparison_rows, judge_score, judging_rows, pairwise_rationale,
+                                         pointwise_rationale, said, verdict)
 
 
 @pytest.mark.parametrize("completion, score", [
@@ -33,6 +33,12 @@ def test_the_rationale_checks_the_answer_by_subtracting_it_from_the_judges_own()
     assert pointwise_rationale("86", "none") == "no answer\nScore: 0"
     assert pairwise_rationale("86", "86", "96") == "86-86=0\n86-96=-10\n[[A]]"
     assert pairwise_rationale("86", "85", "none") == "86-85=1\nno answer\n[[C]]"
+
+
+@pytest.mark.parametrize("completion", ["#### 12", "#### 012", "#### 12.0", "#### 13", "13", "12", ""])
+def test_the_rationales_verdict_is_the_graders_label(completion):
+    """A judging row's score is what judge_score (the grader) gives the same completion, whatever its format."""
+    assert pointwise_rationale("12", said(completion)).endswith(f"Score: {judge_score(completion, '12')}")
 
 
 def test_pairwise_label_names_the_right_one_or_a_tie():
@@ -92,6 +98,7 @@ def test_reward_configs_send_the_templates_the_judge_was_trained_on():
     assert point.reward.template == TINY_JUDGE_TEMPLATE and point.reward.fallback is None
     assert pair.reward.template == TINY_PAIRWISE_TEMPLATE and pair.reward.fallback is None
     assert point.policy.tiny.judge and pair.policy.tiny.judge
+    assert point.reward.judge.max_new_tokens == pair.reward.judge.max_new_tokens == JUDGE_TOKENS
 
 
 def test_the_extended_vocabulary_keeps_the_tiny_policys_ids_and_cache_key():
@@ -110,3 +117,27 @@ def test_the_built_judge_parses_and_beats_the_majority_class_on_held_out_problem
     # the pairwise verdicts parse, but their skill is not yet robust across builds (0.81 in one build, 0.48 = chance
     # in another, README): only a complete failure (always one side) is caught here
     assert 0.2 < skill["pair_agreement"] <= 1.0
+
+
+def test_micro_batched_warm_start_steps_like_the_whole_batch():
+    """supervised(chunks=k) sorts a batch by length into k padded micro-batches and accumulates the gradient of
+    the whole batch's mean loss: after two steps the weights match the single-batch form (float tolerance)."""
+    import random
+
+    import torch
+
+    from rewardlab.policy.tiny import build_model, supervised
+
+    tokenizer = build_tokenizer()
+    rows = [("1+2=?\n", "1+2=3\n#### 3"), ("12+30+7=?\n", "12+30=42\n42+7=49\n#### 49"), ("5=?\n", "#### 5"),
+            ("99+1+100=?\n", "99+1=100\n100+100=200\n#### 200"), ("0+0=?\n", "0+0=0\n#### 0")]
+    weights = []
+    for chunks in (1, 3):
+        torch.manual_seed(0)
+        model = build_model(TinyBuild(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                      intermediate_size=64), tokenizer)
+        rng = random.Random(0)
+        supervised(model, tokenizer, lambda: rng.sample(rows, 5), 2, 1e-2, log=lambda *_: None, chunks=chunks)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert (weights[0] - weights[1]).abs().max() < 1e-5
+    assert (weights[0] - weights[1]).abs().max() < (weights[0]).abs().max() * 1e-4

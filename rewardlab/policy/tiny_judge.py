@@ -17,6 +17,11 @@ digit with a mark per place, stayed at chance (its own solutions were right 80% 
 numbers is what this 1M-parameter model learns slowest, while computing is what it does best, so the check is a
 subtraction, learnt first on short rows of the rationale's last lines alone (`judge_compare_steps`), then with
 the full rows.
+Recipe 2 (`judge_recipe`): the first recipe (800 check steps, then 600 steps of 20 pointwise + 20 pairwise rows)
+judged pairwise at 0.81 in one build and at chance (0.48) in another, where it quoted answer A, the first of the two
+answers in the prompt, right only 55% of the time (B: 88%). Recipe 2 gives the pairwise rows most of each batch
+(28 of 56), 700 mixed steps after 400 check steps, runs each batch as length-sorted micro-batches (the same step,
+less padding) and builds on every core: pairwise agreement 0.71-0.87 over four builds, in about 6 minutes on 2 cores.
 Each query is rendered exactly as the judge reward sends it (rewardlab.rewards.judge.render_query). The judge
 learns what a 1M-parameter model learns in a few hundred steps: real, imperfect skill, measured at build time on
 samples of held-out problems and written to `rewardlab_build.json` (`judge_skill`). The training loop is
@@ -26,6 +31,7 @@ tiny.py's plain supervised loop, for the reason given there.
 from __future__ import annotations
 
 import json
+import os
 import random
 import string
 from dataclasses import asdict, replace
@@ -68,14 +74,20 @@ def difference(own: str, quoted: str) -> str:
         return f"{own}-{quoted}=?"
 
 
+def same(own: str, quoted: str) -> bool:
+    """Whether the grader counts the judged answer as the judge's own (so a judging row's verdict and the
+    `judge/gold_agreement` label, judge_score, never disagree: "012" and "12.0" are 12)."""
+    return quoted != "none" and check([quoted], [own])[0]
+
+
 def pointwise_rationale(own: str, quoted: str) -> str:
     """The judge's last lines after its own solution: the check line, then the score."""
-    score = 0 if quoted == "none" else 5 if quoted == own else 1
+    score = 0 if quoted == "none" else 5 if same(own, quoted) else 1
     return f"{difference(own, quoted)}\nScore: {score}"
 
 
 def pairwise_rationale(own: str, first: str, second: str) -> str:
-    return f"{difference(own, first)}\n{difference(own, second)}\n{verdict(first == own, second == own)}"
+    return f"{difference(own, first)}\n{difference(own, second)}\n{verdict(same(own, first), same(own, second))}"
 
 
 def verdict(first_right: bool, second_right: bool) -> str:
@@ -185,6 +197,14 @@ def ensure_tiny_judge(spec: TinyBuild, log=print) -> Path:
     base = ensure_tiny(replace(spec, judge=False), log=log)
 
     def build(tmp: Path) -> None:
+        threads = torch.get_num_threads()  # a run may have set one thread (run.threads); the build takes every core
+        torch.set_num_threads(os.cpu_count() or threads)
+        try:
+            train(tmp)
+        finally:
+            torch.set_num_threads(threads)
+
+    def train(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM
 
         with torch.random.fork_rng(devices=[]):
@@ -202,13 +222,14 @@ def ensure_tiny_judge(spec: TinyBuild, log=print) -> Path:
             solving = [(ex.prompt, ex.solution) for ex in problems]
             context = [c for row in samples[HELD_OUT:] for c in row]
             supervised(model, tokenizer, lambda: comparison_rows(rng, 64, context), spec.judge_compare_steps,
-                       spec.judge_lr, log=log, what="tiny judge: comparing answers")
+                       spec.judge_lr, log=log, what="tiny judge: comparing answers", chunks=2)
 
-            def draw() -> list[tuple[str, str]]:
-                return (rng.sample(solving, 8) + rng.sample(point, 20) + rng.sample(pair, 20)
-                        + comparison_rows(rng, 16, context))
+            def draw() -> list[tuple[str, str]]:  # pairwise rows most: quoting the first of two answers is learnt last
+                return (rng.sample(solving, 8) + rng.sample(point, 12) + rng.sample(pair, 28)
+                        + comparison_rows(rng, 8, context))
 
-            supervised(model, tokenizer, draw, spec.judge_steps, spec.judge_lr, log=log, what="tiny judge warm start")
+            supervised(model, tokenizer, draw, spec.judge_steps, spec.judge_lr, log=log, what="tiny judge warm start",
+                       chunks=4)
             skill = judge_skill(model, tokenizer, held_point, held_pair[: 4 * HELD_OUT])
         log("tiny judge on held-out problems: " + ", ".join(f"{k} {v:.3g}" for k, v in skill.items()))
         model.save_pretrained(tmp)
