@@ -117,27 +117,3 @@ def test_the_built_judge_parses_and_beats_the_majority_class_on_held_out_problem
     # the pairwise verdicts parse, but their skill is not yet robust across builds (0.81 in one build, 0.48 = chance
     # in another, README): only a complete failure (always one side) is caught here
     assert 0.2 < skill["pair_agreement"] <= 1.0
-
-
-def test_micro_batched_warm_start_steps_like_the_whole_batch():
-    """supervised(chunks=k) sorts a batch by length into k padded micro-batches and accumulates the gradient of
-    the whole batch's mean loss: after two steps the weights match the single-batch form (float tolerance)."""
-    import random
-
-    import torch
-
-    from rewardlab.policy.tiny import build_model, supervised
-
-    tokenizer = build_tokenizer()
-    rows = [("1+2=?\n", "1+2=3\n#### 3"), ("12+30+7=?\n", "12+30=42\n42+7=49\n#### 49"), ("5=?\n", "#### 5"),
-            ("99+1+100=?\n", "99+1=100\n100+100=200\n#### 200"), ("0+0=?\n", "0+0=0\n#### 0")]
-    weights = []
-    for chunks in (1, 3):
-        torch.manual_seed(0)
-        model = build_model(TinyBuild(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                                      intermediate_size=64), tokenizer)
-        rng = random.Random(0)
-        supervised(model, tokenizer, lambda: rng.sample(rows, 5), 2, 1e-2, log=lambda *_: None, chunks=chunks)
-        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert (weights[0] - weights[1]).abs().max() < 1e-5
-    assert (weights[0] - weights[1]).abs().max() < (weights[0]).abs().max() * 1e-4

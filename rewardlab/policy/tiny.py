@@ -51,10 +51,9 @@ class TinyBuild:
     judge: bool = False
     judge_prompts: int = 1000  # warm-start problems whose samples by the solving model are judged
     judge_samples: int = 4  # samples per problem (temperature 1)
-    judge_compare_steps: int = 400  # first, steps on short answer-check rows alone
-    judge_steps: int = 700  # then steps on solving, pointwise, pairwise and comparison rows
+    judge_compare_steps: int = 800  # first, steps on short answer-check rows alone
+    judge_steps: int = 600  # then steps on solving, pointwise, pairwise and comparison rows
     judge_lr: float = 1e-3
-    judge_recipe: int = 2  # bump when rewardlab/policy/tiny_judge.py's build changes, so old judge caches are not reused
 
     def key(self) -> str:
         fields = asdict(self)
@@ -103,12 +102,9 @@ def warm_start(model, tokenizer, spec: TinyBuild, log=print) -> None:
 
 
 def supervised(model, tokenizer, draw: Callable[[], list[tuple[str, str]]], steps: int, lr: float, log=print,
-               what: str = "warm start", chunks: int = 1) -> None:
+               what: str = "warm start") -> None:
     """`steps` AdamW steps on batches of (prompt, completion) texts from `draw()`: next-token loss on the
-    completion and the `<eos>` that ends it, none on the prompt. `chunks` > 1 sorts a batch by length and runs it
-    as that many micro-batches, each padded to its own longest row, accumulating the gradient of the same loss (the
-    mean over the whole batch's completion tokens): the step is the same, with less compute spent on padding when
-    rows differ in length (the judge's mixed batches)."""
+    completion and the `<eos>` that ends it, none on the prompt."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     eos = tokenizer.eos_token_id
     model.train()
@@ -120,31 +116,18 @@ def supervised(model, tokenizer, draw: Callable[[], list[tuple[str, str]]], step
             c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
             seqs.append(p + c)
             masks.append([0] * len(p) + [1] * len(c))
-        if chunks > 1:
-            order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-            size = -(-len(seqs) // chunks)
-            parts = [order[i : i + size] for i in range(0, len(order), size)]
-        else:
-            parts = [list(range(len(seqs)))]
-        targets = sum(sum(m[1:]) for m in masks)  # completion tokens predicted in the whole batch
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+        loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.float)
+        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for part in parts:
-            width = max(len(seqs[i]) for i in part)
-            ids = torch.tensor([seqs[i] + [tokenizer.pad_token_id] * (width - len(seqs[i])) for i in part])
-            loss_mask = torch.tensor([masks[i] + [0] * (width - len(masks[i])) for i in part], dtype=torch.float)
-            attn = torch.tensor([[1] * len(seqs[i]) + [0] * (width - len(seqs[i])) for i in part])
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            if len(parts) == 1:  # the single-batch form, kept as it was so the default build's weights do not move
-                loss = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
-            else:
-                loss = (nll * loss_mask[:, 1:]).sum() / targets
-            loss.backward()
-            total += loss.item()
+        loss.backward()
         optimizer.step()
         if (step + 1) % 100 == 0:
-            log(f"{what}: step {step + 1}/{steps} loss {total:.3f} ({time.time() - start:.0f}s)")
+            log(f"{what}: step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
     model.eval()
 
 

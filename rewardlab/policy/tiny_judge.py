@@ -17,11 +17,13 @@ digit with a mark per place, stayed at chance (its own solutions were right 80% 
 numbers is what this 1M-parameter model learns slowest, while computing is what it does best, so the check is a
 subtraction, learnt first on short rows of the rationale's last lines alone (`judge_compare_steps`), then with
 the full rows.
-Recipe 2 (`judge_recipe`): the first recipe (800 check steps, then 600 steps of 20 pointwise + 20 pairwise rows)
-judged pairwise at 0.81 in one build and at chance (0.48) in another, where it quoted answer A, the first of the two
-answers in the prompt, right only 55% of the time (B: 88%). Recipe 2 gives the pairwise rows most of each batch
-(28 of 56), 700 mixed steps after 400 check steps, runs each batch as length-sorted micro-batches (the same step,
-less padding) and builds on every core: pairwise agreement 0.71-0.87 over four builds, in about 6 minutes on 2 cores.
+Pairwise skill is not robust across builds: it is learnt or not depending on the solving model it starts from.
+This recipe judged pairwise at 0.806 on a solving model built on 2 threads and at chance (0.477) on one built on 1
+thread (the test suite's), where it quoted answer A, the first of the two answers in the prompt, right only 55% of
+the time (B: 88%; its own answers and subtractions were mostly right). Tried and measured on 1 thread (2026-12-03),
+not adopted: giving pairwise rows most of each batch (28 of 56; 400 check + 700 mixed steps) judged pairwise at
+0.71 / 0.87 / 0.73 (three seeds) on the first solving model but 0.40 on the second; adding short rows that make the
+judge quote A and B from two solutions (24 of each 64-row check batch) lowered both (0.56 and 0.43).
 Each query is rendered exactly as the judge reward sends it (rewardlab.rewards.judge.render_query). The judge
 learns what a 1M-parameter model learns in a few hundred steps: real, imperfect skill, measured at build time on
 samples of held-out problems and written to `rewardlab_build.json` (`judge_skill`). The training loop is
@@ -222,14 +224,13 @@ def ensure_tiny_judge(spec: TinyBuild, log=print) -> Path:
             solving = [(ex.prompt, ex.solution) for ex in problems]
             context = [c for row in samples[HELD_OUT:] for c in row]
             supervised(model, tokenizer, lambda: comparison_rows(rng, 64, context), spec.judge_compare_steps,
-                       spec.judge_lr, log=log, what="tiny judge: comparing answers", chunks=2)
+                       spec.judge_lr, log=log, what="tiny judge: comparing answers")
 
-            def draw() -> list[tuple[str, str]]:  # pairwise rows most: quoting the first of two answers is learnt last
-                return (rng.sample(solving, 8) + rng.sample(point, 12) + rng.sample(pair, 28)
-                        + comparison_rows(rng, 8, context))
+            def draw() -> list[tuple[str, str]]:
+                return (rng.sample(solving, 8) + rng.sample(point, 20) + rng.sample(pair, 20)
+                        + comparison_rows(rng, 16, context))
 
-            supervised(model, tokenizer, draw, spec.judge_steps, spec.judge_lr, log=log, what="tiny judge warm start",
-                       chunks=4)
+            supervised(model, tokenizer, draw, spec.judge_steps, spec.judge_lr, log=log, what="tiny judge warm start")
             skill = judge_skill(model, tokenizer, held_point, held_pair[: 4 * HELD_OUT])
         log("tiny judge on held-out problems: " + ", ".join(f"{k} {v:.3g}" for k, v in skill.items()))
         model.save_pretrained(tmp)
