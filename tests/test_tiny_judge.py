@@ -117,3 +117,22 @@ def test_the_built_judge_parses_and_beats_the_majority_class_on_held_out_problem
     # the pairwise verdicts parse, but their skill is not yet robust across builds (0.81 in one build, 0.48 = chance
     # in another, README): only a complete failure (always one side) is caught here
     assert 0.2 < skill["pair_agreement"] <= 1.0
+
+
+def test_builds_run_on_every_core_and_give_the_caller_its_threads_back():
+    """A run with run.threads=1 that builds the tiny policy builds it on every core (the same model a fresh
+    machine's first `make train` builds), then runs on its one thread."""
+    import os
+
+    import torch
+
+    from rewardlab.policy.tiny import every_core
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with every_core():
+            assert torch.get_num_threads() == os.cpu_count()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

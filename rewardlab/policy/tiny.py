@@ -132,6 +132,19 @@ def supervised(model, tokenizer, draw: Callable[[], list[tuple[str, str]]], step
 
 
 @contextlib.contextmanager
+def every_core() -> Iterator[None]:
+    """Build on every core: a run may have set fewer torch threads (run.threads), and a build made on another
+    thread count is not the same model (float sums in another order; the judging tiny policy's pairwise skill
+    depended on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if missing) for the duration of the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +196,7 @@ def ensure_tiny(spec: TinyBuild, log=print) -> Path:
         return ensure_tiny_judge(spec, log=log)
 
     def build(tmp: Path) -> None:
-        with torch.random.fork_rng(devices=[]):  # the caller's seeded RNG stream is left as it was
+        with every_core(), torch.random.fork_rng(devices=[]):  # the caller's seeded RNG stream is left as it was
             torch.manual_seed(spec.seed)
             tokenizer = build_tokenizer()
             model = build_model(spec, tokenizer)

@@ -33,7 +33,6 @@ tiny.py's plain supervised loop, for the reason given there.
 from __future__ import annotations
 
 import json
-import os
 import random
 import string
 from dataclasses import asdict, replace
@@ -44,8 +43,8 @@ import torch
 from rewardlab.answers import check, extract_answer
 from rewardlab.data.arith import ArithTask
 from rewardlab.data.base import Example
-from rewardlab.policy.tiny import (TinyBuild, build_tokenizer, cached_build, ensure_tiny, save_char_tokenizer,
-                                   supervised)
+from rewardlab.policy.tiny import (TinyBuild, build_tokenizer, cached_build, ensure_tiny, every_core,
+                                   save_char_tokenizer, supervised)
 
 JUDGE_CHARS = list(string.ascii_letters + "[],")
 TINY_JUDGE_TEMPLATE = "Judge the solution.\n{prompt}{response}\nScore 0-5:\n"
@@ -199,17 +198,9 @@ def ensure_tiny_judge(spec: TinyBuild, log=print) -> Path:
     base = ensure_tiny(replace(spec, judge=False), log=log)
 
     def build(tmp: Path) -> None:
-        threads = torch.get_num_threads()  # a run may have set one thread (run.threads); the build takes every core
-        torch.set_num_threads(os.cpu_count() or threads)
-        try:
-            train(tmp)
-        finally:
-            torch.set_num_threads(threads)
-
-    def train(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        with torch.random.fork_rng(devices=[]):
+        with every_core(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             rng = random.Random(spec.seed)
             problems = ArithTask(seed=spec.seed + 1).train_examples()
