@@ -119,20 +119,18 @@ def test_the_built_judge_parses_and_beats_the_majority_class_on_held_out_problem
     assert 0.2 < skill["pair_agreement"] <= 1.0
 
 
-def test_builds_run_on_every_core_and_give_the_caller_its_threads_back():
-    """A run with run.threads=1 that builds the tiny policy builds it on every core (the same model a fresh
-    machine's first `make train` builds), then runs on its one thread."""
-    import os
-
+def test_builds_run_on_a_fixed_thread_count_and_give_the_caller_its_threads_back():
+    """A run with run.threads=1 that builds the tiny policy builds it on BUILD_THREADS threads (the model a fresh
+    machine's first `make train` builds, whatever its core count), then runs on its one thread."""
     import torch
 
-    from rewardlab.policy.tiny import every_core
+    from rewardlab.policy.tiny import BUILD_THREADS, build_threads
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        with every_core():
-            assert torch.get_num_threads() == os.cpu_count()
+        with build_threads():
+            assert torch.get_num_threads() == BUILD_THREADS == 2
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

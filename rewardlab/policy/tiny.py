@@ -31,6 +31,7 @@ from rewardlab.data.arith import ArithTask
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 CHARS = list("0123456789+-*=#?:()./ \n")
 BUILD_VERSION = 1  # bump when the build recipe changes, so old caches are not reused
+BUILD_THREADS = 2  # torch threads of every tiny build (build_threads): the documented models were built on 2
 
 
 @dataclass
@@ -132,12 +133,13 @@ def supervised(model, tokenizer, draw: Callable[[], list[tuple[str, str]]], step
 
 
 @contextlib.contextmanager
-def every_core() -> Iterator[None]:
-    """Build on every core: a run may have set fewer torch threads (run.threads), and a build made on another
-    thread count is not the same model (float sums in another order; the judging tiny policy's pairwise skill
-    depended on it)."""
+def build_threads() -> Iterator[None]:
+    """Build on BUILD_THREADS torch threads whatever the caller set (run.threads) and whatever the core count: the
+    warm start amplifies float rounding, and the thread count changes the order of float sums, so builds on 1, 2
+    and 4 threads of one machine started at 69.5%, 57.5% and 47.0% greedy on 200 test problems (2026-12-03); a fixed
+    count makes the model the same on every machine with the same CPU kernels as the one the README measured."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or threads)
+    torch.set_num_threads(BUILD_THREADS)
     try:
         yield
     finally:
@@ -196,7 +198,7 @@ def ensure_tiny(spec: TinyBuild, log=print) -> Path:
         return ensure_tiny_judge(spec, log=log)
 
     def build(tmp: Path) -> None:
-        with every_core(), torch.random.fork_rng(devices=[]):  # the caller's seeded RNG stream is left as it was
+        with build_threads(), torch.random.fork_rng(devices=[]):  # the caller's seeded RNG stream is left as it was
             torch.manual_seed(spec.seed)
             tokenizer = build_tokenizer()
             model = build_model(spec, tokenizer)

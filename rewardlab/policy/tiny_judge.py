@@ -43,7 +43,7 @@ import torch
 from rewardlab.answers import check, extract_answer
 from rewardlab.data.arith import ArithTask
 from rewardlab.data.base import Example
-from rewardlab.policy.tiny import (TinyBuild, build_tokenizer, cached_build, ensure_tiny, every_core,
+from rewardlab.policy.tiny import (TinyBuild, build_tokenizer, cached_build, ensure_tiny, build_threads,
                                    save_char_tokenizer, supervised)
 
 JUDGE_CHARS = list(string.ascii_letters + "[],")
@@ -200,7 +200,7 @@ def ensure_tiny_judge(spec: TinyBuild, log=print) -> Path:
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        with every_core(), torch.random.fork_rng(devices=[]):
+        with build_threads(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             rng = random.Random(spec.seed)
             problems = ArithTask(seed=spec.seed + 1).train_examples()
