@@ -27,8 +27,8 @@ RUN = ["logger=none", "run.iterations=1", "run.eval_every=1", "run.eval_size=1",
 ARITH = ["dataset.train_size=256", "dataset.test_size=4"]  # the default splits (20,500 problems) take ~1 s to build
 SETTINGS = {"judge": ["reward.fallback=correct", "reward.judge.samples=1", "reward.judge.max_new_tokens=8"],
             "pairwise_judge": ["reward.fallback=correct", "reward.judge.max_new_tokens=8"],
-            "tiny_judge": ["policy=tiny_judge", "reward.judge.samples=1", "reward.judge.max_new_tokens=80"],
-            "tiny_pairwise_judge": ["policy=tiny_judge", "reward.judge.max_new_tokens=80"]}
+            "tiny_judge": ["policy=tiny_judge", "reward.judge.samples=1"],  # its config's 80-token budget
+            "tiny_pairwise_judge": ["policy=tiny_judge"]}
 
 
 def choices(group: str) -> list[str]:

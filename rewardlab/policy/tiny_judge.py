@@ -45,7 +45,7 @@ import torch
 from rewardlab.answers import check, extract_answer
 from rewardlab.data.arith import ArithTask
 from rewardlab.data.base import Example
-from rewardlab.policy.tiny import (TinyBuild, build_tokenizer, cached_build, ensure_tiny, build_threads,
+from rewardlab.policy.tiny import (TinyBuild, build_threads, build_tokenizer, cached_build, ensure_tiny,
                                    save_char_tokenizer, supervised)
 
 JUDGE_CHARS = list(string.ascii_letters + "[],")
