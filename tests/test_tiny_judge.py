@@ -114,23 +114,62 @@ def test_the_built_judge_parses_and_beats_the_majority_class_on_held_out_problem
     skill = json.loads((Path(tiny_judge_policy.source) / "rewardlab_build.json").read_text())["judge_skill"]
     assert skill["point_parse_rate"] >= 0.95 and skill["pair_parse_rate"] >= 0.95
     assert skill["point_agreement"] > skill["point_majority_share"] + 0.05
-    # the pairwise verdicts parse, but their skill is not yet robust across builds (0.81 in one build, 0.48 = chance
-    # in another, README): only a complete failure (always one side) is caught here
-    assert 0.2 < skill["pair_agreement"] <= 1.0
+    # pairwise: 0.73-0.90 on the two solving models it was measured on (tiny_judge.py); the previous recipe's 0.48 on
+    # one of them (chance, on 708 decisive pairs) fails here
+    assert 0.65 <= skill["pair_agreement"] <= 1.0
 
 
-def test_builds_run_on_a_fixed_thread_count_and_give_the_caller_its_threads_back():
-    """A run with run.threads=1 that builds the tiny policy builds it on BUILD_THREADS threads (the model a fresh
-    machine's first `make train` builds, whatever its core count), then runs on its one thread."""
+def test_builds_run_on_a_fixed_thread_count_and_give_the_caller_its_threads_back(tmp_path, monkeypatch):
+    """A run with run.threads=1 that builds a tiny model (policy, judge, PRM: all go through cached_build) builds it
+    on BUILD_THREADS threads (the model a fresh machine's first `make train` builds, whatever its core count), then
+    runs on its one thread."""
     import torch
 
-    from rewardlab.policy.tiny import BUILD_THREADS, build_threads
+    from rewardlab.policy.tiny import BUILD_THREADS, cached_build
+
+    monkeypatch.setenv("REWARDLAB_CACHE", str(tmp_path))
+    seen = []
+
+    def build(tmp):
+        seen.append(torch.get_num_threads())
+        (tmp / "config.json").write_text("{}")
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        with build_threads():
-            assert torch.get_num_threads() == BUILD_THREADS == 2
-        assert torch.get_num_threads() == 1
+        assert cached_build("tiny-x", build, log=lambda m: None) == tmp_path / "tiny-x"
+        assert seen == [BUILD_THREADS] == [2] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_micro_batches_of_similar_length_rows_give_the_whole_batchs_step():
+    """The judge build's micro-batches (rows of similar length, their gradients added up) give the gradient of one
+    padded batch of all the rows, up to float order, and use every row once."""
+    import random
+
+    import torch
+
+    from rewardlab.policy.tiny import build_model, micro_batches, supervised
+
+    rows = [(list(range(n)), [0] * 2 + [1] * (n - 2)) for n in (9, 3, 30, 4, 17, 30)]
+    groups = micro_batches(rows, 60)
+    assert sorted(map(id, (r for g in groups for r in g))) == sorted(map(id, rows))
+    assert all(len(g[0][0]) * len(g) <= 60 or len(g) == 1 for g in groups)
+    assert [len(r[0]) for g in groups for r in g] == [30, 30, 17, 9, 4, 3] and len(groups) == 3
+    assert micro_batches(rows, None) == [rows]
+
+    tokenizer = build_tokenizer()
+    texts = [(f"{a}+{b}=", f"{a + b}" + "0" * (a % 7)) for a, b in zip(range(10, 30), range(40, 60))]
+
+    def gradient(batch_tokens):  # the gradient of one step is left on the parameters
+        torch.manual_seed(0)
+        model = build_model(TinyBuild(), tokenizer)
+        rng = random.Random(0)
+        supervised(model, tokenizer, lambda: rng.sample(texts, 12), 1, 1e-3, log=lambda m: None,
+                   batch_tokens=batch_tokens)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole, micro = gradient(None), gradient(40)
+    assert not torch.equal(whole, micro)  # really ran in several micro-batches (a different float order)
+    assert whole.abs().max() > 1e-3 and torch.allclose(whole, micro, atol=1e-7, rtol=1e-4)

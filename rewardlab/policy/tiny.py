@@ -53,8 +53,9 @@ class TinyBuild:
     judge_prompts: int = 1000  # warm-start problems whose samples by the solving model are judged
     judge_samples: int = 4  # samples per problem (temperature 1)
     judge_compare_steps: int = 800  # first, steps on short answer-check rows alone
-    judge_steps: int = 600  # then steps on solving, pointwise, pairwise and comparison rows
+    judge_steps: int = 1200  # then steps on solving, pointwise, pairwise and comparison rows
     judge_lr: float = 1e-3
+    judge_batch_tokens: int = 2048  # micro-batches of rows of similar length (tiny.supervised)
 
     def key(self) -> str:
         fields = asdict(self)
@@ -103,33 +104,54 @@ def warm_start(model, tokenizer, spec: TinyBuild, log=print) -> None:
 
 
 def supervised(model, tokenizer, draw: Callable[[], list[tuple[str, str]]], steps: int, lr: float, log=print,
-               what: str = "warm start") -> None:
+               what: str = "warm start", batch_tokens: int | None = None) -> None:
     """`steps` AdamW steps on batches of (prompt, completion) texts from `draw()`: next-token loss on the
-    completion and the `<eos>` that ends it, none on the prompt."""
+    completion and the `<eos>` that ends it, none on the prompt, averaged over the batch's completion tokens.
+    With `batch_tokens`, each batch runs as micro-batches of rows of similar length (longest first, at most
+    `batch_tokens` padded tokens each) whose gradients add up to the whole batch's, so rows of very different
+    lengths (the judge's) are not all padded to the longest; the float order, so the model, differs from one
+    padded batch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     eos = tokenizer.eos_token_id
     model.train()
     start = time.time()
     for step in range(steps):
-        seqs, masks = [], []
+        rows = []
         for prompt, completion in draw():
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
-            seqs.append(p + c)
-            masks.append([0] * len(p) + [1] * len(c))
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
-        loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.float)
-        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+            rows.append((p + c, [0] * len(p) + [1] * len(c)))
+        total = sum(sum(mask[1:]) for _, mask in rows)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for group in micro_batches(rows, batch_tokens):
+            width = max(len(ids) for ids, _ in group)
+            ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s, _ in group])
+            loss_mask = torch.tensor([m + [0] * (width - len(m)) for _, m in group], dtype=torch.float)
+            attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in group])
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            part = (nll * loss_mask[:, 1:]).sum() / total
+            part.backward()
+            loss += part.item()
         optimizer.step()
         if (step + 1) % 100 == 0:
-            log(f"{what}: step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+            log(f"{what}: step {step + 1}/{steps} loss {loss:.3f} ({time.time() - start:.0f}s)")
     model.eval()
+
+
+def micro_batches(rows: list[tuple[list[int], list[int]]], batch_tokens: int | None) -> list[list]:
+    """The rows as one batch (no `batch_tokens`), or longest first in groups of at most `batch_tokens` padded
+    tokens (a row longer than that alone)."""
+    if batch_tokens is None:
+        return [rows]
+    groups: list[list] = []
+    for row in sorted(rows, key=lambda r: -len(r[0])):
+        if groups and len(groups[-1][0][0]) * (len(groups[-1]) + 1) <= batch_tokens:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 @contextlib.contextmanager
@@ -162,7 +184,8 @@ def cached_build(name: str, build: Callable[[Path], None], log=print) -> Path:
     """Return the cache directory `name`, running `build(tmp_dir)` first if it is not there yet.
 
     Two runs starting at once serialize on a file lock; the build goes to a temporary directory
-    renamed into place only when complete, so a killed build never leaves a usable-looking cache.
+    renamed into place only when complete, so a killed build never leaves a usable-looking cache. Every build runs
+    on BUILD_THREADS threads (build_threads), so what it trains does not depend on the caller's thread count.
     """
     root = cache_root()
     target = root / name
@@ -174,7 +197,8 @@ def cached_build(name: str, build: Callable[[Path], None], log=print) -> Path:
         log(f"building {name} (first run only) into {target}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=root))
         try:
-            build(tmp)
+            with build_threads():
+                build(tmp)
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +222,7 @@ def ensure_tiny(spec: TinyBuild, log=print) -> Path:
         return ensure_tiny_judge(spec, log=log)
 
     def build(tmp: Path) -> None:
-        with build_threads(), torch.random.fork_rng(devices=[]):  # the caller's seeded RNG stream is left as it was
+        with torch.random.fork_rng(devices=[]):  # the caller's seeded RNG stream is left as it was
             torch.manual_seed(spec.seed)
             tokenizer = build_tokenizer()
             model = build_model(spec, tokenizer)

@@ -17,17 +17,19 @@ digit with a mark per place, stayed at chance (its own solutions were right 80% 
 numbers is what this 1M-parameter model learns slowest, while computing is what it does best, so the check is a
 subtraction, learnt first on short rows of the rationale's last lines alone (`judge_compare_steps`), then with
 the full rows.
-Pairwise skill is not robust across builds: it is learnt or not depending on the solving model it starts from.
-This recipe judged pairwise at 0.806 on a solving model built on 2 threads and at chance (0.477) on one built on 1
-thread (the test suite's), where it quoted answer A, the first of the two answers in the prompt, right only 55% of
-the time (B: 88%; its own answers and subtractions were mostly right). Tried and measured on 1 thread (2026-12-03),
-not adopted: giving pairwise rows most of each batch (28 of 56; 400 check + 700 mixed steps) judged pairwise at
-0.71 / 0.87 / 0.73 (three seeds) on the first solving model but 0.40 on the second; adding short rows that make the
-judge quote A and B from two solutions (24 of each 64-row check batch) lowered both (0.56 and 0.43).
-This recipe with 1200 mixed steps instead of 600 (build about 5 min longer) learnt it on the one-thread solving
-model: pairwise 0.759, pointwise 0.888 (majority 0.52); measured on that model only.
+The mixed steps run as micro-batches of rows of similar length (`judge_batch_tokens`; 0.50 s a step on 2 threads
+instead of 0.71 as one padded batch), 1200 of them. With 600 in one padded batch (the recipe until 2026-12-03),
+pairwise skill depended on the solving model the judge starts from: 0.806 on the solving model built on 2 threads
+(the one a 2-core machine builds), at chance (0.477) on one built on 1 thread, where the judge quoted answer A, the
+first of the two answers in the prompt, right only 55% of the time (B: 88%; its own answers and subtractions were
+mostly right). Twice the mixed steps learnt it on both; measured on those two solving models (pointwise / pairwise
+agreement, held-out): 600 padded steps 0.914 / 0.806 and 0.798 / 0.477; 1200 padded steps (1-thread model only)
+0.888 / 0.759; 1200 steps in micro-batches of 4096 tokens 0.970 / 0.896 and 0.912 / 0.730; of 2048 tokens (this
+recipe) 0.939 / 0.838 and 0.942 / 0.822. Tried on the 1-thread model and not adopted: pairwise rows most of each batch
+(28 of 56; 400 check + 700 mixed steps): 0.71 / 0.87 / 0.73 over three seeds on the 2-thread model but 0.40 on the
+1-thread one; plus short rows that make the judge quote A and B from two solutions: 0.56 and 0.43.
 Each query is rendered exactly as the judge reward sends it (rewardlab.rewards.judge.render_query). The judge
-learns what a 1M-parameter model learns in a few hundred steps: real, imperfect skill, measured at build time on
+learns what a 1M-parameter model learns in two thousand steps: real, imperfect skill, measured at build time on
 samples of held-out problems and written to `rewardlab_build.json` (`judge_skill`). The training loop is
 tiny.py's plain supervised loop, for the reason given there.
 """
@@ -45,7 +47,7 @@ import torch
 from rewardlab.answers import check, extract_answer
 from rewardlab.data.arith import ArithTask
 from rewardlab.data.base import Example
-from rewardlab.policy.tiny import (TinyBuild, build_threads, build_tokenizer, cached_build, ensure_tiny,
+from rewardlab.policy.tiny import (TinyBuild, build_tokenizer, cached_build, ensure_tiny,
                                    save_char_tokenizer, supervised)
 
 JUDGE_CHARS = list(string.ascii_letters + "[],")
@@ -202,7 +204,7 @@ def ensure_tiny_judge(spec: TinyBuild, log=print) -> Path:
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        with build_threads(), torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             rng = random.Random(spec.seed)
             problems = ArithTask(seed=spec.seed + 1).train_examples()
@@ -217,13 +219,14 @@ def ensure_tiny_judge(spec: TinyBuild, log=print) -> Path:
             solving = [(ex.prompt, ex.solution) for ex in problems]
             context = [c for row in samples[HELD_OUT:] for c in row]
             supervised(model, tokenizer, lambda: comparison_rows(rng, 64, context), spec.judge_compare_steps,
-                       spec.judge_lr, log=log, what="tiny judge: comparing answers")
+                       spec.judge_lr, log=log, what="tiny judge: comparing answers", batch_tokens=spec.judge_batch_tokens)
 
             def draw() -> list[tuple[str, str]]:
                 return (rng.sample(solving, 8) + rng.sample(point, 20) + rng.sample(pair, 20)
                         + comparison_rows(rng, 16, context))
 
-            supervised(model, tokenizer, draw, spec.judge_steps, spec.judge_lr, log=log, what="tiny judge warm start")
+            supervised(model, tokenizer, draw, spec.judge_steps, spec.judge_lr, log=log, what="tiny judge warm start",
+                       batch_tokens=spec.judge_batch_tokens)
             skill = judge_skill(model, tokenizer, held_point, held_pair[: 4 * HELD_OUT])
         log("tiny judge on held-out problems: " + ", ".join(f"{k} {v:.3g}" for k, v in skill.items()))
         model.save_pretrained(tmp)
