@@ -173,3 +173,29 @@ def test_micro_batches_of_similar_length_rows_give_the_whole_batchs_step():
     whole, micro = gradient(None), gradient(40)
     assert not torch.equal(whole, micro)  # really ran in several micro-batches (a different float order)
     assert whole.abs().max() > 1e-3 and torch.allclose(whole, micro, atol=1e-7, rtol=1e-4)
+
+
+def test_the_tiny_prm_keeps_its_cache_key_and_thread_count_whatever_the_judge_settings(tmp_path, monkeypatch):
+    """The tiny PRM trains on a solving-only policy, so the judge settings of its policy spec do not change its key (a
+    new judge recipe does not rebuild a user's PRM); its build runs on PRM_BUILD_THREADS, the count the documented
+    tiny PRM was built on (a 2-thread build gives other weights)."""
+    import torch
+
+    import rewardlab.rewards.tiny_prm as tiny_prm
+    from rewardlab.rewards.tiny_prm import PRM_BUILD_THREADS, TinyPRMBuild
+
+    assert TinyPRMBuild().key() == TinyPRMBuild(policy=TinyBuild(judge_steps=1, judge_batch_tokens=1)).key()
+    assert TinyPRMBuild().key() != TinyPRMBuild(policy=TinyBuild(warmup_steps=1)).key()
+    assert TinyPRMBuild().key() == "e39c19dba61c"  # the documented PRM's key since before the judge existed
+    monkeypatch.setenv("REWARDLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny_prm, "ensure_tiny", lambda spec, log: tmp_path)  # no policy build: only the threads
+    seen = []
+
+    def training_rows(spec, policy_dir):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(tiny_prm, "training_rows", training_rows)
+    with pytest.raises(RuntimeError, match="stop"):
+        tiny_prm.ensure_tiny_prm(TinyPRMBuild(), log=lambda m: None)
+    assert seen == [PRM_BUILD_THREADS] == [1]

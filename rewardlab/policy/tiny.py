@@ -155,13 +155,14 @@ def micro_batches(rows: list[tuple[list[int], list[int]]], batch_tokens: int | N
 
 
 @contextlib.contextmanager
-def build_threads() -> Iterator[None]:
-    """Build on BUILD_THREADS torch threads whatever the caller set (run.threads) and whatever the core count: the
-    warm start amplifies float rounding, and the thread count changes the order of float sums, so builds on 1, 2
-    and 4 threads of one machine started at 69.5%, 57.5% and 47.0% greedy on 200 test problems (2026-12-03); a fixed
-    count makes the model the same on every machine with the same CPU kernels as the one the README measured."""
+def build_threads(count: int = BUILD_THREADS) -> Iterator[None]:
+    """Build on `count` torch threads (BUILD_THREADS unless a build says otherwise) whatever the caller set
+    (run.threads) and whatever the core count: the warm start amplifies float rounding, and the thread count changes
+    the order of float sums, so builds on 1, 2 and 4 threads of one machine started at 69.5%, 57.5% and 47.0% greedy
+    on 200 test problems (2026-12-03); a fixed count makes the model the same on every machine with the same CPU
+    kernels as the one the README measured."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
@@ -180,12 +181,12 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def cached_build(name: str, build: Callable[[Path], None], log=print) -> Path:
+def cached_build(name: str, build: Callable[[Path], None], log=print, threads: int = BUILD_THREADS) -> Path:
     """Return the cache directory `name`, running `build(tmp_dir)` first if it is not there yet.
 
     Two runs starting at once serialize on a file lock; the build goes to a temporary directory
     renamed into place only when complete, so a killed build never leaves a usable-looking cache. Every build runs
-    on BUILD_THREADS threads (build_threads), so what it trains does not depend on the caller's thread count.
+    on a fixed number of torch threads (`threads`, build_threads), so what it trains does not depend on the caller's.
     """
     root = cache_root()
     target = root / name
@@ -197,7 +198,7 @@ def cached_build(name: str, build: Callable[[Path], None], log=print) -> Path:
         log(f"building {name} (first run only) into {target}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=root))
         try:
-            with build_threads():
+            with build_threads(threads):
                 build(tmp)
             os.rename(tmp, target)
         finally:

@@ -24,6 +24,9 @@ from rewardlab.policy.tiny import TinyBuild, cached_build, ensure_tiny, save_cha
 
 SEPARATOR = "<extra_0>"
 BUILD_VERSION = 1  # bump when the recipe changes
+# torch threads of the tiny PRM's build: the documented tiny PRM (README, docs/experiments.md) was built on one thread,
+# inside runs with run.threads=1; a 2-thread build of the same recipe gives other weights (checked 2026-12-03)
+PRM_BUILD_THREADS = 1
 _LINE = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 _FINAL = re.compile(r"^\s*####\s*(-?\d+)\s*$")
 
@@ -65,7 +68,10 @@ class TinyPRMBuild:
             self.policy = TinyBuild(**self.policy)
 
     def key(self) -> str:
-        blob = json.dumps({"v": BUILD_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if not self.policy.judge:  # as TinyBuild.key: the judge settings do not touch a solving-only policy
+            fields["policy"] = {k: v for k, v in fields["policy"].items() if not k.startswith("judge")}
+        blob = json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -145,4 +151,4 @@ def ensure_tiny_prm(spec: TinyPRMBuild, log=print) -> Path:
         save_char_tokenizer(tokenizer, tmp)
         (tmp / "rewardlab_build.json").write_text(json.dumps(asdict(spec), indent=2))
 
-    return cached_build(f"tiny-prm-{spec.key()}", build, log=log)
+    return cached_build(f"tiny-prm-{spec.key()}", build, log=log, threads=PRM_BUILD_THREADS)
