@@ -38,16 +38,13 @@ def main() -> None:
         solving = [(ex.prompt, ex.solution) for ex in problems]
         context = [c for row in samples for c in row]
 
-        def draw():
-            return (rng.sample(solving, 8) + rng.sample(point, 20) + rng.sample(pair, 20)
-                    + tj.comparison_rows(rng, 16, context))
-
         seconds = {}
         for size in args.sizes:
             model = AutoModelForCausalLM.from_pretrained(base)
             model.resize_token_embeddings(len(tokenizer))
             began = time.perf_counter()
-            supervised(model, tokenizer, draw, args.steps, 1e-3, log=lambda _: None, batch_tokens=size or None)
+            supervised(model, tokenizer, lambda: tj.mixed_batch(rng, solving, point, pair, context), args.steps,
+                       1e-3, log=lambda _: None, batch_tokens=size or None)
             seconds[str(size)] = round((time.perf_counter() - began) / args.steps, 3)
             print(f"micro-batch tokens {size or 'one padded batch'}: {seconds[str(size)]} s/step", flush=True)
     print(json.dumps({"seconds_per_step": seconds}))

@@ -166,6 +166,11 @@ def comparison_rows(rng: random.Random, n: int, context: list[str] | None = None
     return rows
 
 
+def mixed_batch(rng: random.Random, solving, point, pair, context: list[str]) -> list[tuple[str, str]]:
+    """One batch of the judge build's mixed steps: 8 solving, 20 pointwise, 20 pairwise and 16 comparison rows."""
+    return rng.sample(solving, 8) + rng.sample(point, 20) + rng.sample(pair, 20) + comparison_rows(rng, 16, context)
+
+
 @torch.inference_mode()
 def judge_skill(model, tokenizer, point: list[tuple[str, str]], pair: list[tuple[str, str]]) -> dict[str, float]:
     """Greedy verdicts on held-out rows: parse rate, agreement with the label's side (right / wrong, or which is
@@ -221,11 +226,8 @@ def ensure_tiny_judge(spec: TinyBuild, log=print) -> Path:
             supervised(model, tokenizer, lambda: comparison_rows(rng, 64, context), spec.judge_compare_steps,
                        spec.judge_lr, log=log, what="tiny judge: comparing answers", batch_tokens=spec.judge_batch_tokens)
 
-            def draw() -> list[tuple[str, str]]:
-                return (rng.sample(solving, 8) + rng.sample(point, 20) + rng.sample(pair, 20)
-                        + comparison_rows(rng, 16, context))
-
-            supervised(model, tokenizer, draw, spec.judge_steps, spec.judge_lr, log=log, what="tiny judge warm start",
+            supervised(model, tokenizer, lambda: mixed_batch(rng, solving, point, pair, context), spec.judge_steps,
+                       spec.judge_lr, log=log, what="tiny judge warm start",
                        batch_tokens=spec.judge_batch_tokens)
             skill = judge_skill(model, tokenizer, held_point, held_pair[: 4 * HELD_OUT])
         log("tiny judge on held-out problems: " + ", ".join(f"{k} {v:.3g}" for k, v in skill.items()))
