@@ -58,7 +58,7 @@ class RunConfig:
 
     iterations: int = 120
     prompts_per_iteration: int = 16
-    eval_every: int = 20
+    eval_every: int = 20  # also at iteration 0 and the last; 0: only those two
     eval_size: int = 500
     eval_pass_k: List[int] = field(default_factory=list)  # e.g. [1,4]: pass@k and maj@k from sampled completions
     eval_samples: int = 0  # completions per prompt for pass@k; 0 means max(eval_pass_k)

@@ -139,6 +139,9 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
     launch.accept(run_dir, dist.is_main)
     distributed.check_sizes(dist, cfg.run.prompts_per_iteration, cfg.run.eval_size)
     cadence = Cadence(cfg.run.checkpoint_every, cfg.run.checkpoint_minutes, cfg.run.iterations)
+    if cfg.run.eval_every < 0:
+        raise UserError(f"run.eval_every={cfg.run.eval_every}: give 0 (evaluate at the start and the end only) "
+                        f"or a number of iterations")
     sharded = sharding.from_launch() if dist.active else None  # an `accelerate launch` FSDP / DeepSpeed config
     console.quiet = not dist.is_main  # progress lines once, from rank 0
     setup_torch(cfg.run, dist.rank)
@@ -262,7 +265,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
 
                 if cfg.run.save_rollouts and (shards := distributed.gather_to_main(dist, batch)):
                     Batch.concat(shards).save(run_dir / "rollouts" / f"iter_{iteration:04d}.parquet")
-                if iteration % cfg.run.eval_every == 0 or iteration == cfg.run.iterations:
+                if (cfg.run.eval_every and iteration % cfg.run.eval_every == 0) or iteration == cfg.run.iterations:
                     progress.stage(iteration, "eval")
                     row.update(run_eval(iteration))
                 row["time/iteration"] = time.perf_counter() - began

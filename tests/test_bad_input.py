@@ -120,3 +120,15 @@ def test_two_hydra_modes_at_once_are_one_line_and_exit_code_2():
         "error: -m and --cfg cannot be combined: Hydra does one of run, multirun, --cfg, --info at a time "
         "(--cfg job shows one job's config: drop -m)"]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_eval_every_zero_evaluates_at_the_start_and_end_only_and_a_negative_one_is_refused(tiny_policy, tmp_path):
+    small = [a for a in SMALL_RUN if not a.startswith("run.eval_every")]
+    result = run_cli("train", *small, "run.iterations=3", "run.eval_every=0", f"hydra.run.dir={tmp_path}/zero")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["iteration"] for r in read_metrics(tmp_path / "zero") if "eval/accuracy" in r] == [0, 3]
+    result = run_cli("train", *small, "run.eval_every=-1", f"hydra.run.dir={tmp_path}/negative")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: run.eval_every=-1: give 0")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "negative" / "metrics.jsonl").exists()
