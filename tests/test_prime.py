@@ -252,9 +252,9 @@ def test_the_prm_trains_only_on_kept_groups_and_takes_the_steps_asked(saved_smal
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(prm_weights(filtered), prm_weights(alone)))
     assert not all(torch.equal(a, b) for a, b in zip(prm_weights(filtered), prm_weights(prime_on(mixed, saved_small_policy))))
 
-    twice = prime(steps=2)
+    twice = prime(steps=2, buffer=1)
     both = twice.update(small_policy(saved_small_policy), mixed)
-    once = prime()
+    once = prime(buffer=1)
     policy = small_policy(saved_small_policy)
     first = once.update(policy, mixed)
     once.update(policy, mixed)  # the PRM's step depends on the rollouts, labels and reference, not the policy
@@ -267,6 +267,38 @@ def test_the_prm_trains_only_on_kept_groups_and_takes_the_steps_asked(saved_smal
     metrics = none_kept.update(policy, make_batch(tok, [1.0, 1.0, 0.0, 0.0]))
     assert metrics["prime/kept"] == 0.0 and "prime/loss" not in metrics and "prime/auc" not in metrics
     assert all(torch.equal(a, b) for a, b in zip(prm_weights(none_kept), start))  # the PRM did not move
+
+
+def test_the_buffer_trains_on_earlier_iterations_newest_first_and_round_trips(saved_small_policy, tmp_path):
+    tok = small_policy(saved_small_policy).tokenizer
+    first, second = make_batch(tok, [1.0, 0.0, 1.0, 0.0]), make_batch(tok, [0.0, 1.0, 1.0, 1.0])
+    buffered, trained = prime(buffer=2), small_policy(saved_small_policy)
+    buffered.update(trained, first)
+    metrics = buffered.update(trained, second)  # a step on `second`, then one on `first`
+    assert metrics["prime/buffer"] == 2.0
+    plain, policy = prime(buffer=1), small_policy(saved_small_policy)
+    for batch in (first, second, first):  # PRIME's one step per iteration, the same three steps in that order
+        plain.update(policy, batch)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(prm_weights(buffered), prm_weights(plain)))
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(prm_weights(buffered), prm_weights(prime_on(first, saved_small_policy))))
+
+    torch.save(buffered.state_dict(), tmp_path / "state.pt")  # state.pt is read with weights_only=True
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert len(state["prime"]["history"]) == 1 and len(state["prime"]["history"][0]) == 1  # buffer 2: one earlier
+    resumed, policy = prime(buffer=2), small_policy(saved_small_policy)
+    policy.model.load_state_dict(copy.deepcopy(trained.model.state_dict()))
+    resumed.load_state_dict(state, policy)
+    third = make_batch(tok, [1.0, 1.0, 0.0, 1.0])
+    assert resumed.update(policy, third) == buffered.update(trained, third)  # float for float
+    assert all(torch.equal(a, b) for a, b in zip(prm_weights(buffered), prm_weights(resumed)))
+
+    state["prime"]["history"] = state["prime"]["history"] * 2  # written by two processes, resumed under one
+    other = prime(buffer=2)
+    with pytest.warns(UserWarning, match="written by 2 process"):
+        other.load_state_dict(state, small_policy(saved_small_policy))
+    assert len(other._history) == 0
+    with pytest.raises(UserError, match="algo.prime.buffer=0 must be at least 1"):
+        prime(buffer=0)
 
 
 def prime_on(batch, saved) -> Prime:
@@ -313,7 +345,10 @@ def test_train_algo_prime_end_to_end(uninterrupted):
     for key in ("prime/accuracy", "prime/loss", "prime/token_reward/std", "loss", "advantage/abs_mean"):
         assert math.isfinite(rows[2][key])
     state = load_state(uninterrupted / "checkpoints" / "iter_0002" / "state.pt")
-    assert set(state["algo"]["prime"]) == {"model", "optimizer"}  # one process: no per-rank digests
+    assert set(state["algo"]["prime"]) == {"model", "optimizer", "history"}  # one process: no per-rank digests
+    history = state["algo"]["prime"]["history"]
+    assert len(history) == 1 and len(history[0]) == 2  # one rank; iterations 1 and 2 buffered for the PRM
+    assert all(len(b["labels"]) == 16 for b in history[0])  # 4 prompts x 4 samples each
 
 
 @pytest.mark.slow

@@ -8,10 +8,13 @@ iteration, in the order of the paper's algorithm and its code (PRIME-RL/PRIME, `
 1. score: token reward r_t = beta * (log pi_phi(y_t) - log pi_ref(y_t)), sequence reward r_phi(y) = sum_t r_t;
    `prime/accuracy` compares sign(r_phi) with the gold label before the PRM has seen these rollouts, and
    `prime/pairwise_accuracy` (PRIME's own figure) how often r_phi orders a group's right and wrong ones;
-2. update the PRM by `algo.prime.steps` optimizer steps (default one) on the cross-entropy
-   BCE(sigmoid(r_phi(y)), gold) over the rollouts of the groups whose share of right answers lies in
-   `algo.prime.accuracy_bounds` (PRIME's filter_accuracy; default all) (the first step's forward pass gives the
-   scores of step 1, as in PRIME's single-forward mode);
+2. update the PRM on the cross-entropy BCE(sigmoid(r_phi(y)), gold) over the rollouts of the groups whose share
+   of right answers lies in `algo.prime.accuracy_bounds` (PRIME's filter_accuracy; default all): one optimizer
+   step on this iteration's rollouts (its forward pass gives the scores of step 1, as in PRIME's single-forward
+   mode), then, unlike PRIME, one step on each of the previous `algo.prime.buffer` - 1 iterations' rollouts,
+   newest first (kept with their reference log-probs and labels, checkpointed); `algo.prime.steps` passes.
+   `algo.prime.buffer=1 algo.prime.beta=0.05` is PRIME's own setting: on the tiny world its PRM's within-group
+   AUC stays at or below chance over a run, while 8 iterations of rollouts and beta 0.5 make it rise (README);
 3. advantages: token rewards divided by the batch's largest |return| (PRIME's `prime_norm=batch_norm`;
    this makes beta cancel out of the advantages), then RLOO returns computed separately on the process
    rewards (PRIME's baseline: the group's mean per-token reward, leave-one-out) and on the outcome reward
@@ -26,6 +29,8 @@ FSDP, its own engine under DeepSpeed), and the batch statistics (norm, whitening
 
 from __future__ import annotations
 
+import collections
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -53,13 +58,14 @@ NO_REFERENCES = ("algo=prime trains its implicit PRM on outcome labels (each rol
 class ImplicitPRMSettings:
     model: Optional[str] = None  # a local causal LM sharing the policy's tokenizer; default: the initial policy
     lr: float = 5e-4  # the tiny policy's PRM did not move at 5e-5 in 20 iterations
-    beta: float = 0.05  # r_t = beta * log pi_phi / pi_ref (PRIME's beta_train)
+    beta: float = 0.5  # r_t = beta * log pi_phi / pi_ref (PRIME's beta_train is 0.05, for ~1000-token answers; README)
     weight_decay: float = 0.0
     max_grad_norm: float = 10.0  # PRIME's prime_model.optim.grad_clip
     norm: str = "batch_norm"  # batch_norm (PRIME's prime_norm) | none
     micro_batch_size: int = 64  # rollouts per forward/backward of the PRM
     accuracy_bounds: tuple = (0.0, 1.0)  # train on groups whose share of right rollouts is in [lo, hi] (PRIME: 0.2-0.8)
-    steps: int = 1  # PRM optimizer steps per iteration, each on all the kept rollouts
+    steps: int = 1  # passes per iteration over the rollouts it trains on (this iteration's, then the buffer's)
+    buffer: int = 8  # iterations of rollouts the PRM trains on each iteration, one step each, newest first; 1: PRIME's
 
 
 @schema("algo", "prime")
@@ -199,11 +205,16 @@ class Prime(PolicyGradient):
             raise UserError(f"algo.prime.accuracy_bounds={list(bounds)} must be [lo, hi] with 0 <= lo <= hi <= 1")
         if self.settings.steps < 1:
             raise UserError(f"algo.prime.steps={self.settings.steps} must be at least 1")
+        if self.settings.buffer < 1:
+            raise UserError(f"algo.prime.buffer={self.settings.buffer} must be at least 1 (1: this iteration's "
+                            f"rollouts only, as PRIME)")
         self.prm: torch.nn.Module | None = None
         self._prm: Auxiliary | None = None  # the PRM with its optimizer, trained under the launch
         self._prm_reference: torch.nn.Module | None = None  # only for algo.prime.model (else the policy's)
         self._saved_prm: dict[str, Any] | None = None
         self._token_advantages: torch.Tensor | None = None
+        # the PRM's training rows of the previous buffer - 1 iterations on this rank, newest last
+        self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.settings.buffer - 1)
 
     def check_data(self, examples) -> None:
         """Refuse a data set without reference answers before any work (run.py calls it): the PRM's labels
@@ -250,11 +261,16 @@ class Prime(PolicyGradient):
         every rank calls it, and each rank's PRM digest is recorded under several processes so a checkpoint
         shows the ranks agree."""
         state = super().state_dict()
+        several = torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+        history: list[Any] = [list(self._history)]  # each rank's buffer (rank 0 writes state.pt)
+        if several:
+            history = [None] * torch_dist.get_world_size()
+            torch_dist.all_gather_object(history, list(self._history))
         if self._prm is None:
-            state["prime"] = self._saved_prm
+            state["prime"] = None if self._saved_prm is None else {**self._saved_prm, "history": history}
             return state
-        state["prime"] = self._prm.state_dict()
-        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        state["prime"] = {**self._prm.state_dict(), "history": history}
+        if several:
             digests: list[Any] = [None] * torch_dist.get_world_size()
             torch_dist.all_gather_object(digests, param_digest(self.prm))
             state["prime"]["rank_sha256"] = digests
@@ -269,6 +285,16 @@ class Prime(PolicyGradient):
         super().load_state_dict(state, policy)
         self._saved_prm = state.get("prime")
         self.prm = self._prm = None  # rebuilt with the saved state on next use
+        self._history.clear()
+        history = (self._saved_prm or {}).get("history") or []
+        world = torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+        rank = torch_dist.get_rank() if world > 1 else 0
+        if len(history) == world:
+            self._history.extend(history[rank][-self._history.maxlen:] if self._history.maxlen else [])
+        elif any(history):
+            warnings.warn(f"algo=prime: the checkpoint's PRM buffer was written by {len(history)} process(es) and "
+                          f"this run has {world}; the buffer restarts empty and refills over the next "
+                          f"{self.settings.buffer - 1} iterations")
 
     # ---- one iteration ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -293,36 +319,48 @@ class Prime(PolicyGradient):
             return torch.cat([token_logprobs(self.prm, t, slice(s, s + size), 1.0)[0]
                               for s in range(0, t.input_ids.shape[0], size)])
 
-    def _train_prm(self, t: Tensors, ref: torch.Tensor, labels: torch.Tensor,
-                   weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """`steps` optimizer steps on the cross-entropy averaged over the kept rollouts (weight 1) of every rank;
-        returns the PRM's log-probs of all rollouts before the first step (that step's own forward pass), and
-        the loss and gradient norm of the first step. When no rank kept a rollout the PRM does not move."""
-        mask, n, size = t.completion_mask, t.input_ids.shape[0], self.settings.micro_batch_size
-        kept = float(_all_reduce(weights.sum().reshape(1))[0])
-        if kept == 0:
-            return self._prm_logprobs(t), {}
+    def _train_prm(self, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, dict]:
+        """`steps` passes over `batches` (this iteration's rollouts first, then the buffer's, newest first), one
+        optimizer step per batch on the cross-entropy averaged over its kept rollouts (weight 1) of every rank.
+        Returns the PRM's log-probs of this iteration's rollouts before any step (the first step's own forward
+        pass), and the loss and gradient norm of that step. A batch no rank kept a rollout of is skipped."""
         world = torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
-        starts = list(range(0, n, size))
-        logps: list[torch.Tensor] = []
-        losses: list[float] = []
-
-        def loss_of(index: int, real: bool) -> torch.Tensor:
-            rows = slice(starts[index], starts[index] + size)
-            lp = token_logprobs(self._prm.trained, t, rows, 1.0)[0]
-            per_row = cross_entropy(lp, ref[rows], mask[rows], labels[rows], self.settings.beta)
-            loss = (per_row * weights[rows]).sum() * world / kept  # DDP averages the ranks' gradients
-            if real and not norms:  # the first step: the PRM has not yet seen these rollouts
-                logps.append(lp.detach())
-                losses.append(float(loss.detach()))
-            return loss
-
-        norms: list[float] = []
+        size = self.settings.micro_batch_size
+        current = batches[0]
+        kept = [float(_all_reduce(b["weights"].sum().reshape(1))[0]) for b in batches]
+        logps: list[torch.Tensor] = [] if kept[0] else [self._prm_logprobs(self._tensors(current))]
+        metrics: dict[str, float] = {}
         self._prm.trained.train()
         for _ in range(self.settings.steps):
-            norms.append(self._prm.train_step(len(starts), loss_of))
+            for index, (b, total) in enumerate(zip(batches, kept)):
+                if total == 0:
+                    continue
+                t = self._tensors(b)
+                starts = list(range(0, t.input_ids.shape[0], size))
+                record = not metrics and index == 0  # the first step on this iteration's rollouts
+                losses: list[float] = []
+
+                def loss_of(i: int, real: bool) -> torch.Tensor:
+                    rows = slice(starts[i], starts[i] + size)
+                    lp = token_logprobs(self._prm.trained, t, rows, 1.0)[0]
+                    per_row = cross_entropy(lp, b["ref"][rows], t.completion_mask[rows], b["labels"][rows],
+                                            self.settings.beta)
+                    loss = (per_row * b["weights"][rows]).sum() * world / total  # DDP averages the ranks' gradients
+                    if real and record:
+                        logps.append(lp.detach())
+                        losses.append(float(loss.detach()))
+                    return loss
+
+                norm = self._prm.train_step(len(starts), loss_of)
+                if record:
+                    metrics = {"prime/loss": sum(losses), "prime/grad_norm": norm}
         self._prm.trained.eval()
-        return torch.cat(logps), {"prime/loss": sum(losses), "prime/grad_norm": norms[0]}
+        metrics["prime/buffer"] = float(len(batches))
+        return torch.cat(logps), metrics
+
+    def _tensors(self, b: dict[str, Any]) -> Tensors:
+        return Tensors(b["input_ids"], b["attention_mask"], b["position_ids"], b["completion_mask"],
+                       int(b["completion_width"]))
 
     def update(self, policy, batch: Batch) -> dict[str, float]:
         if batch.gold is None or any(g is None for g in batch.gold):
@@ -335,7 +373,16 @@ class Prime(PolicyGradient):
         index = {pid: i for i, pid in enumerate(batch.groups())}
         groups = torch.tensor([index[p] for p in batch.prompt_id])
         weights = accuracy_filter(labels.cpu(), groups, tuple(self.settings.accuracy_bounds)).to(labels.device)
-        logps, metrics = self._train_prm(t, ref, labels, weights)
+        current = {"input_ids": t.input_ids, "attention_mask": t.attention_mask, "position_ids": t.position_ids,
+                   "completion_mask": mask, "completion_width": t.completion_width, "ref": ref, "labels": labels,
+                   "weights": weights}
+        device = policy.device
+        older = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                 for b in reversed(self._history)]
+        logps, metrics = self._train_prm([current] + older)
+        if self._history.maxlen:
+            self._history.append({k: v.detach().to("cpu") if isinstance(v, torch.Tensor) else v
+                                  for k, v in current.items()})
         metrics["prime/kept"] = float(weights.mean())
         token_rewards = implicit_rewards(logps, ref, mask, self.settings.beta)  # before the PRM's step
         sequence = token_rewards.sum(-1)
