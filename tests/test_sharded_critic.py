@@ -33,7 +33,8 @@ from test_sharding import accelerate, assert_same_metrics, rewind, rows
 # AdamW's state matters on resume
 SETTINGS = [*TINY_GRPO, "algo.minibatch_size=4", "algo.micro_batch_size=2"]
 PPO = ["algo=ppo", *SETTINGS]
-PRIME = ["algo=prime", *SETTINGS, "algo.prime.micro_batch_size=4"]
+# three iterations: the PRM's step on iteration 1's rollouts (its buffer) in iteration 2 shows in iteration 3's metrics
+PRIME = ["algo=prime", *SETTINGS, "algo.prime.micro_batch_size=4", "run.iterations=3"]
 
 
 def summary(run_dir: Path) -> dict:
@@ -90,6 +91,9 @@ def test_ranks_end_with_the_same_trained_weights_and_checkpoint_like_the_policy(
     prefix = "critic" if name == "critic" else "prime"
     saved = load_state(checkpoint / "state.pt")["algo"][prefix]
     assert "model" not in saved  # no whole weights in state.pt: each rank wrote its part
+    if name == "prm":  # each rank's buffer of earlier rollouts (iterations 1 and 2), its own rows
+        assert [len(rank) for rank in saved["history"]] == [2, 2]
+        assert not torch.equal(saved["history"][0][0]["input_ids"], saved["history"][1][0]["input_ids"])
     if engine.startswith("fsdp"):
         assert saved["dcp"] == f"{prefix}_sharded" and saved["optimizer"]["dcp"] == f"{prefix}_sharded"
         files = sorted(p.name for p in (checkpoint / f"{prefix}_sharded").iterdir())
@@ -110,8 +114,9 @@ def test_the_same_config_trains_alike_under_fsdp_and_deepspeed(launched):
 
     for fsdp, zero in (("fsdp.yaml", "deepspeed_zero3.yaml"), ("fsdp_shard_grad_op.yaml", "deepspeed_zero2.yaml")):
         assert_same_metrics(compared(launched[fsdp][0]), compared(launched[zero][0]), rel=1e-4)
-    assert summary(launched["fsdp_shard_grad_op.yaml"][0])["rank_prm_param_sha256"] == \
-        summary(launched["deepspeed_zero2.yaml"][0])["rank_prm_param_sha256"]  # seen: the same PRM, bit for bit
+    # The PRMs are not compared bit for bit: they were with one PRM step per iteration, but the buffer's second
+    # step per iteration carries ZeRO's rounding (seen: prime/loss 1.7578791 vs 1.7578804 at iteration 3); the
+    # metrics above, prime/loss after the buffer's step included, agree to 1e-4.
 
 
 @pytest.mark.slow
