@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_metrics, run_cli
+from conftest import REPO, read_metrics, run_cli
 from rewardlab.algos import AlgoContext
 from rewardlab.algos.prime import (Prime, accuracy_filter, batch_normalize, cross_entropy, group_auc, implicit_rewards,
                                    pairwise_accuracy, prime_advantages, process_rloo)
@@ -397,3 +397,20 @@ def test_train_algo_prime_on_a_data_set_without_answers_stops_with_one_line_and_
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: algo=prime trains its implicit PRM on outcome")
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_the_offline_replay_script_scores_like_the_run_it_replays(uninterrupted):
+    """scripts/prime_replay.py (the README's evidence for the buffer) trains the PRM as algo=prime does: on
+    the run's own rollouts, with the run's settings, its per-iteration AUC is the run's `prime/auc`."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "prime_replay.py"), str(uninterrupted),
+                             "--windows", "3"], capture_output=True, text=True, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-3000:]
+    replay = json.loads(result.stdout.strip().splitlines()[-1])
+    logged = [r.get("prime/auc") for r in read_metrics(uninterrupted) if r["iteration"] >= 1]
+    assert len(replay["auc"]) == len(logged) == 3
+    assert logged[0] in (None, 0.5) and replay["auc"][0] == logged[0]  # the PRM starts as the reference: ties
+    assert any(a is not None for a in logged[1:])  # a group with both right and wrong answers was ranked
+    rewards = [r["prime/reward_mean"] for r in read_metrics(uninterrupted) if r["iteration"] >= 1]
+    assert rewards[0] == 0.0 and replay["reward_mean"] == pytest.approx(rewards, abs=1e-5)
+    for a, b in zip(replay["auc"], logged):
+        assert (a is None and b is None) or a == pytest.approx(b, abs=1e-6)
