@@ -137,3 +137,61 @@ def test_the_reference_policy_is_built_only_when_the_kl_term_is_on(small_policy,
     out = grads_after_update(small_policy, batch, beta=0.1)[1]
     assert built == [1] and out["kl"] == pytest.approx(0.0, abs=1e-6)  # lr 0: the reference equals the policy
     small_policy._reference = None
+
+
+def trained_copy(policy, batch, lr=1e-2, **settings):
+    """A copy of `policy` after one update with `settings` (lr 1e-2: AdamW's moments move the weights even on a
+    step whose gradient is zero): its weights, the gradients of each optimizer step, the update's metrics."""
+    policy = Policy(model=copy.deepcopy(policy.model), tokenizer=policy.tokenizer, source="unused",
+                    device=policy.device)
+    algo = PolicyGradient(AlgoContext(temperature=1.0, max_new_tokens=12, seed=3), lr=lr, **settings)
+    algo.setup(policy)
+    grads, step = [], algo.optimizer.step
+
+    def snapshot(*args, **kwargs):
+        grads.append({n: p.grad.clone() for n, p in policy.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    algo.optimizer.step = snapshot
+    out = algo.update(policy, batch)
+    return {n: p.detach().clone() for n, p in policy.model.named_parameters()}, grads, out
+
+
+@pytest.mark.parametrize("minibatch", [0, 1, 3])
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_rows_with_zero_advantage_skip_the_backward_and_nothing_changes(small_policy, minibatch, padding_free):
+    """Rows of a group whose rewards are all equal have advantage 0: left out of the backward, every optimizer
+    step's gradients and the update's metrics (loss, entropy, clip fraction, gradient norm) equal the full
+    pass's; on padded rows the weights after the update are equal bit for bit (packed, other rows share the
+    bins: rounding, which AdamW's normalization lifts on near-zero gradients, so the gradients are compared
+    there, at lr 0). With one row per minibatch some minibatches have no row left: the optimizer still steps,
+    on zero gradients."""
+    batch = make_batch(small_policy, ["1+2", "1+2", "3+4", "3+4", "3+4", "5+6"],
+                       ["1+2=3", "1+2=4", "3+4=7", "3+4=7\n#### 7", "7", "5+6=11"],
+                       rewards=[1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    settings = dict(minibatch_size=minibatch, num_iterations=2, padding_free=padding_free,
+                    lr=0.0 if padding_free else 1e-2)
+    full, full_grads, full_out = trained_copy(small_policy, batch, skip_zero_advantage=False, **settings)
+    skip, skip_grads, skip_out = trained_copy(small_policy, batch, **settings)
+    assert skip_out["update/skipped_rows"] == pytest.approx(4 / 6) and full_out["update/skipped_rows"] == 0.0
+    assert len(skip_grads) == len(full_grads) == {0: 2, 1: 12, 3: 4}[minibatch]
+    for ours, theirs in zip(skip_grads, full_grads):
+        for name in ours:
+            assert torch.allclose(ours[name], theirs[name], atol=1e-7 if padding_free else 0.0, rtol=1e-5), name
+    if minibatch == 1:
+        assert any(all(g.abs().sum() == 0 for g in step.values()) for step in skip_grads)
+    for name in full:
+        assert torch.equal(full[name], skip[name]), name
+    for key in ("loss", "entropy", "clip_fraction", "grad_norm", "update/steps"):
+        assert skip_out[key] == pytest.approx(full_out[key], rel=1e-5 if padding_free else 1e-6, abs=1e-7), key
+    if not padding_free:
+        assert all((skip[n] - p).abs().max() > 0 for n, p in small_policy.model.named_parameters())
+
+
+def test_rows_with_zero_advantage_go_through_the_backward_when_the_kl_term_is_on(small_policy, monkeypatch):
+    """beta > 0: the KL term gives every row a gradient, so none is skipped."""
+    batch = make_batch(small_policy, ["1+2", "1+2", "3+4", "3+4"], ["1+2=3", "4", "3+4=7", "7"],
+                       rewards=[1.0, 0.0, 1.0, 1.0])
+    monkeypatch.setattr(Policy, "load_fresh", lambda self: copy.deepcopy(small_policy.model))
+    assert trained_copy(small_policy, batch, beta=0.1)[2]["update/skipped_rows"] == 0.0
+    small_policy._reference = None

@@ -56,6 +56,7 @@ class PGConfig:
     micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation)
     micro_batch_tokens: int = 0  # cap on padded tokens per forward/backward (fewer rows for long ones); 0: none
     padding_free: bool = True  # pack each micro-batch's rows without padding where the model allows (algos/packing.py)
+    skip_zero_advantage: bool = True  # rows whose advantage is 0 at every token skip the backward when beta=0 (exact)
     loss_agg: str = "sequence_mean"  # sequence_mean | token_mean | constant
     max_grad_norm: float = 1.0
     lr_schedule: str = "constant"  # constant | linear | cosine (over run.iterations)
@@ -239,6 +240,7 @@ class PolicyGradient:
             group["lr"] = cfg.lr * self.lr_factor()
         trained = self._trained  # forward through the engine (DDP, DeepSpeed); decoding uses policy.model
         trained.train()
+        live = self._live_rows(adv, mask, model)
         sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
         steps = 0
         size = cfg.minibatch_size if cfg.minibatch_size > 0 else n
@@ -246,7 +248,7 @@ class PolicyGradient:
             order = torch.randperm(n, generator=self.generator).to(device)
             for start in range(0, n, size):
                 rows = order[start : start + size]
-                stats = self._step(trained, t, rows, adv, old, ref, mask)
+                stats = self._step(trained, t, rows, adv, old, ref, mask, live)
                 for k, v in stats.items():
                     sums[k] += v
                 steps += 1
@@ -260,12 +262,27 @@ class PolicyGradient:
         out = {k: v / steps for k, v in sums.items()}
         out.update({"lr": self.optimizer.param_groups[0]["lr"], "advantage/mean": float(token_adv.mean()),
                     "advantage/abs_mean": float(token_adv.abs().mean()), "update/steps": float(steps),
-                    "update/tokens": float(lengths.sum())})
+                    "update/tokens": float(lengths.sum()),
+                    "update/skipped_rows": 0.0 if live is None else float((~live).float().mean())})
         if ref is None:
             out.pop("kl")
         return out
 
-    def _step(self, model, t: Tensors, rows: torch.Tensor, adv, old, ref, mask) -> dict[str, float]:
+    def _live_rows(self, adv: torch.Tensor, mask: torch.Tensor, model) -> torch.Tensor | None:
+        """(N,) bool: the rows with a nonzero advantage at some completion token, or None where every row goes
+        through the backward. A row whose advantage is 0 everywhere adds exactly 0 to the clipped loss and its
+        gradient when the loss has no KL term (beta = 0), so its backward is compute spent on zeros (groups whose
+        rewards are all equal: GRPO's zero-variance groups, a fifth to a half of a run's rows); it is left out of
+        the forward/backward, and the minibatch's normalizers (rows, tokens) still count it, so the gradient and
+        the optimizer step equal the full pass's to rounding. Not under FSDP or DeepSpeed, where every rank
+        must run the same passes."""
+        if not self.cfg.skip_zero_advantage or self.kl_loss_coef != 0 or self._deepspeed is not None \
+                or is_sharded(model):
+            return None
+        return (adv != 0) if adv.dim() == 1 else ((adv != 0) & mask.bool()).any(-1)
+
+    def _step(self, model, t: Tensors, rows: torch.Tensor, adv, old, ref, mask,
+              live: torch.Tensor | None = None) -> dict[str, float]:
         cfg = self.cfg
         # under DDP the gradients are views into its all-reduce buckets: zeroed in place they stay there, and
         # micro-batches accumulate into them (one copy of the gradients); elsewhere they are freed
@@ -273,13 +290,19 @@ class PolicyGradient:
         n_seqs, n_tokens = len(rows), float(mask[rows].sum())
         totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
         micro_rows = self._micro_rows(t)
+        if live is not None:  # rows with no gradient: only their entropy is measured, without a backward
+            idle, rows = rows[~live[rows]], rows[live[rows]]
+            totals["entropy"] = self._entropy_sum(t, idle, mask) / max(n_tokens, 1.0)
         starts = list(range(0, len(rows), micro_rows))
         padded = micro_steps(len(starts), is_sharded(model) or self._deepspeed is not None)
+        # a minibatch with no row left still runs one pass with zero weight: the optimizer steps on zero
+        # gradients as the full pass would (AdamW's moments move), and under DDP the rank joins the all-reduce
+        padded = max(padded, 1)
         for index in range(padded):
             # sharded (FSDP, DeepSpeed) a rank with fewer micro-batches repeats its first with zero weight:
             # every rank must run the same number of forward/backward passes (each gathers and reduces)
             start, weight = (starts[index], 1.0) if index < len(starts) else (0, 0.0)
-            micro = rows[start : start + micro_rows]
+            micro = rows[start : start + micro_rows] if len(rows) else idle[:1]
             m = mask[micro]
             with no_sync(model, last=index == padded - 1):  # DDP all-reduces on the last micro-batch only
                 logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=True,
@@ -308,6 +331,17 @@ class PolicyGradient:
         self.optimizer.step()
         totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         return totals
+
+    @torch.no_grad()
+    def _entropy_sum(self, t: Tensors, rows: torch.Tensor, mask: torch.Tensor) -> float:
+        """The summed per-token entropy of `rows` under the policy as it is now (no graph, no backward)."""
+        size, total = self._micro_rows(t), 0.0
+        for start in range(0, len(rows), size):
+            part = rows[start : start + size]
+            _, entropy = token_logprobs(self._model, t, part, self.temperature, with_entropy=True,
+                                        packed=self.cfg.padding_free)
+            total += float((entropy * mask[part]).sum())
+        return total
 
     @torch.no_grad()
     def _old_logprobs(self, batch: Batch, model, t: Tensors) -> torch.Tensor:
