@@ -28,15 +28,15 @@ def test_grpo_run_writes_everything_a_researcher_needs(tiny_policy, tmp_path):
     assert set(rows[0]) >= {"eval/accuracy", "time/eval"}
     for row in rows[1:]:
         assert set(row) >= set(PER_ITERATION) | {"loss", "entropy", "clip_fraction", "lr"}
-        assert row["rollouts"] == 4 * 8
+        assert row["rollouts"] == 8 * 8
         assert 0.0 <= row["gold/accuracy"] <= 1.0 and row["entropy"] > 0
     assert "eval/accuracy" in rows[2]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iterations_completed"] == 3 and summary["eval/accuracy_start"] == rows[0]["eval/accuracy"]
     assert "algo:" in (run_dir / "config.yaml").read_text()
     batch = Batch.load(run_dir / "rollouts" / "iter_0002.parquet")
-    assert len(batch) == 32 and batch.iteration == 2 and len(batch.advantages) == 32
-    assert batch.extra["kept"] == [True] * 32
+    assert len(batch) == 64 and batch.iteration == 2 and len(batch.advantages) == 64
+    assert batch.extra["kept"] == [True] * 64
     assert batch.rewards["verifiable"] == batch.reward and batch.gold is not None
     assert all(len(lp) == len(ids) for lp, ids in zip(batch.sample_logprobs, batch.completion_ids))
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run directory missing"

@@ -162,10 +162,11 @@ def trained_copy(policy, batch, lr=1e-2, **settings):
 def test_rows_with_zero_advantage_skip_the_backward_and_nothing_changes(small_policy, minibatch, padding_free):
     """Rows of a group whose rewards are all equal have advantage 0: left out of the backward, every optimizer
     step's gradients and the update's metrics (loss, entropy, clip fraction, gradient norm) equal the full
-    pass's; on padded rows the weights after the update are equal bit for bit (packed, other rows share the
-    bins: rounding, which AdamW's normalization lifts on near-zero gradients, so the gradients are compared
-    there, at lr 0). With one row per minibatch some minibatches have no row left: the optimizer still steps,
-    on zero gradients."""
+    pass's to rounding (fewer rows make smaller matrix products, whose sums may round differently: 7e-9 on
+    gradients of scale 0.06 on an AMD EPYC, 0 on a Xeon); on padded rows the weights after an update at lr 1e-2
+    equal the full pass's to 1e-6 (packed, other rows share the bins: rounding, which AdamW's normalization
+    lifts on near-zero gradients, so the gradients are compared there, at lr 0). With one row per minibatch
+    some minibatches have no row left: the optimizer still steps, on zero gradients."""
     batch = make_batch(small_policy, ["1+2", "1+2", "3+4", "3+4", "3+4", "5+6"],
                        ["1+2=3", "1+2=4", "3+4=7", "3+4=7\n#### 7", "7", "5+6=11"],
                        rewards=[1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
@@ -177,13 +178,13 @@ def test_rows_with_zero_advantage_skip_the_backward_and_nothing_changes(small_po
     assert len(skip_grads) == len(full_grads) == {0: 2, 1: 12, 3: 4}[minibatch]
     for ours, theirs in zip(skip_grads, full_grads):
         for name in ours:
-            assert torch.allclose(ours[name], theirs[name], atol=1e-7 if padding_free else 0.0, rtol=1e-5), name
+            assert torch.allclose(ours[name], theirs[name], atol=1e-7, rtol=1e-5), name
     if minibatch == 1:
         assert any(all(g.abs().sum() == 0 for g in step.values()) for step in skip_grads)
-    for name in full:
-        assert torch.equal(full[name], skip[name]), name
+    for name in full:  # a step on a wrong gradient, or a missing step, moves weights by ~lr = 1e-2
+        assert torch.allclose(full[name], skip[name], atol=1e-6, rtol=0.0), name
     for key in ("loss", "entropy", "clip_fraction", "grad_norm", "update/steps"):
-        assert skip_out[key] == pytest.approx(full_out[key], rel=1e-5 if padding_free else 1e-6, abs=1e-7), key
+        assert skip_out[key] == pytest.approx(full_out[key], rel=1e-5, abs=1e-7), key
     if not padding_free:
         assert all((skip[n] - p).abs().max() > 0 for n, p in small_policy.model.named_parameters())
 
