@@ -61,9 +61,9 @@ def final_weights(run_dir: Path, iteration: int = 2) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """Equal to 1e-6, but for at most 1 element in 10,000, which may be off by up to 2 x lr: AdamW's step is
+    """Equal to 1e-6, but for at most 1 element in 10,000, which must still be within 1e-4: AdamW's step is
     g / (|g| + eps), so an element whose gradient is at the level of rounding (FSDP sums in another order than
-    DDP) moves by up to lr (5e-5) either way. Measured on an AMD EPYC: 1 of 987,520 elements 1.6e-6 apart, the
+    DDP) moves by up to lr (5e-5) either way on each step. Measured on an AMD EPYC: 1 of 987,520 elements 1.6e-6 apart, the
     rest within 1.5e-7. A wrong or missing step moves most elements by ~lr, far beyond this."""
     assert sorted(a) == sorted(b)
     total = sum(v.numel() for v in a.values())
