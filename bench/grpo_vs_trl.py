@@ -44,8 +44,9 @@ def rewardlab_run(args, seed: int) -> dict:
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     work = sum(r["time/iteration"] - r.get("time/eval", 0.0) for r in rows[1:])
     generate = sum(r.get("time/generate", 0.0) for r in rows[1:])
+    update = sum(r.get("time/update", 0.0) for r in rows[1:])
     completions = sum(r["rollouts"] for r in rows[1:])
-    return {"seconds": work, "generate_seconds": generate, "completions": completions,
+    return {"seconds": work, "generate_seconds": generate, "update_seconds": update, "completions": completions,
             "eval_accuracy": rows[-1]["eval/accuracy"],
             "optimizer_steps": int(sum(r.get("update/steps", 0) for r in rows[1:])),
             "start_accuracy": rows[0]["eval/accuracy"]}

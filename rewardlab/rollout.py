@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _ROW_LISTS = ("prompt_id", "prompt", "completion", "prompt_ids", "completion_ids", "sample_logprobs",
-              "finish_reason", "steps", "reference", "solution", "question", "messages", "reward",
+              "sample_entropy", "finish_reason", "steps", "reference", "solution", "question", "messages", "reward",
               "step_rewards", "gold", "advantages")
 
 
@@ -36,6 +36,9 @@ class Batch:
     reference: list[str | None]
     solution: list[str | None]
     sample_logprobs: list[list[float]] | None = None
+    # per completion token, the entropy of the sampling policy's next-token distribution at temperature T
+    # (recorded while decoding by the transformers engines; None where the engine does not give it, e.g. vLLM)
+    sample_entropy: list[list[float]] | None = None
     steps: list[list[str]] | None = None
     question: list[str | None] | None = None  # the raw question, before any chat template
     messages: list[list[dict[str, str]] | None] | None = None  # the conversation the policy was shown

@@ -32,18 +32,24 @@ def test_native_chunks_by_whole_prompts_and_groups_rows(tiny_policy, prompts):
     assert all(len(l) == len(c) for l, c in zip(batch.sample_logprobs, batch.completion_ids))
 
 
+@pytest.mark.parametrize("engine", ["native", "generate"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_native_sampling_logprobs_match_a_forward_pass(tiny_policy, prompts, temperature):
+def test_sampling_logprobs_and_entropy_match_a_forward_pass(tiny_policy, prompts, temperature, engine):
+    """The recorded log-probs (the update's old log-probs) and per-token entropies (its `entropy` metric) equal
+    what a forward pass over the finished rows computes at the same temperature."""
     torch.manual_seed(1)
-    gen = HFGenerator(tiny_policy, sampling=Sampling(temperature=temperature, max_new_tokens=32))
+    gen = HFGenerator(tiny_policy, engine=engine, sampling=Sampling(temperature=temperature, max_new_tokens=32))
     batch = gen.generate(prompts[:8], n=4)
     t = to_tensors(batch, tiny_policy.tokenizer.pad_token_id, tiny_policy.device)
     with torch.no_grad():
-        forward, _ = token_logprobs(tiny_policy.model, t, slice(None), temperature)
-    recorded = torch.zeros_like(forward)
-    for i, row in enumerate(batch.sample_logprobs):
-        recorded[i, : len(row)] = torch.tensor(row)
-    assert torch.allclose(recorded * t.completion_mask, forward * t.completion_mask, atol=1e-4)
+        forward, entropy = token_logprobs(tiny_policy.model, t, slice(None), temperature, with_entropy=True)
+    for recorded_rows, want in ((batch.sample_logprobs, forward), (batch.sample_entropy, entropy)):
+        assert [len(row) for row in recorded_rows] == [len(c) for c in batch.completion_ids]
+        recorded = torch.zeros_like(want)
+        for i, row in enumerate(recorded_rows):
+            recorded[i, : len(row)] = torch.tensor(row)
+        assert torch.allclose(recorded * t.completion_mask, want * t.completion_mask, atol=1e-4)
+    assert float((entropy * t.completion_mask).sum()) > 1.0  # entropies that can be wrong: not all ~0
 
 
 def test_native_first_token_frequencies_follow_the_policy(tiny_policy, prompts):

@@ -2,6 +2,7 @@
 full-batch gradient for every aggregation, process credit end to end through `update`, settings checks."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -187,6 +188,42 @@ def test_rows_with_zero_advantage_skip_the_backward_and_nothing_changes(small_po
         assert skip_out[key] == pytest.approx(full_out[key], rel=1e-5, abs=1e-7), key
     if not padding_free:
         assert all((skip[n] - p).abs().max() > 0 for n, p in small_policy.model.named_parameters())
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_entropy_recorded_while_decoding_replaces_the_update_s_entropy_passes(small_policy, monkeypatch, skip):
+    """Where the generator recorded each token's sampling entropy, the `entropy` metric is its token mean over
+    the batch and no pass of the update computes entropy (no forward without a graph for skipped rows, no
+    entropy in the forward with one). At lr 0 in one step the policy of the update is the sampling policy, so
+    the recorded figure equals the one the passes measure when nothing was recorded."""
+    from rewardlab.algos import pg
+    from rewardlab.data.base import Example
+    from rewardlab.generation.hf import HFGenerator, Sampling
+
+    torch.manual_seed(5)
+    examples = [Example(id=p, prompt=f"{p}=?\n") for p in ("1+2", "3+4", "5+6")]
+    batch = HFGenerator(small_policy, sampling=Sampling(temperature=1.0, max_new_tokens=12)).generate(examples, n=4)
+    assert [len(e) for e in batch.sample_entropy] == [len(c) for c in batch.completion_ids]
+    batch.reward = [1.0, 0.0, 1.0, 0.0] + [1.0] * 4 + [0.0] * 4  # two groups of equal rewards: skipped rows
+    settings = dict(minibatch_size=0, lr=0.0, skip_zero_advantage=skip)
+    measured = trained_copy(small_policy, dataclasses.replace(batch, sample_entropy=None), **settings)[2]
+    asked = []
+    real = pg.token_logprobs
+
+    def counting(*args, **kwargs):
+        asked.append(kwargs.get("with_entropy", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pg, "token_logprobs", counting)
+    monkeypatch.setattr(PolicyGradient, "_entropy_sum", lambda *a: pytest.fail("a pass measured the entropy"))
+    recorded = trained_copy(small_policy, batch, **settings)[2]
+    assert asked and not any(asked)
+    tokens = sum(len(c) for c in batch.completion_ids)
+    assert recorded["entropy"] == pytest.approx(sum(map(sum, batch.sample_entropy)) / tokens, rel=1e-6)
+    assert recorded["entropy"] == pytest.approx(measured["entropy"], rel=1e-5)
+    assert recorded["update/skipped_rows"] == pytest.approx(8 / 12 if skip else 0.0)
+    for key in ("loss", "clip_fraction", "grad_norm"):
+        assert recorded[key] == pytest.approx(measured[key], rel=1e-5, abs=1e-7), key
 
 
 def test_rows_with_zero_advantage_go_through_the_backward_when_the_kl_term_is_on(small_policy, monkeypatch):

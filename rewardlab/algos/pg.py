@@ -241,6 +241,7 @@ class PolicyGradient:
         trained = self._trained  # forward through the engine (DDP, DeepSpeed); decoding uses policy.model
         trained.train()
         live = self._live_rows(adv, mask, model)
+        recorded = self._sampled_entropy(batch, t)
         sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
         steps = 0
         size = cfg.minibatch_size if cfg.minibatch_size > 0 else n
@@ -248,7 +249,7 @@ class PolicyGradient:
             order = torch.randperm(n, generator=self.generator).to(device)
             for start in range(0, n, size):
                 rows = order[start : start + size]
-                stats = self._step(trained, t, rows, adv, old, ref, mask, live)
+                stats = self._step(trained, t, rows, adv, old, ref, mask, live, measure_entropy=recorded is None)
                 for k, v in stats.items():
                     sums[k] += v
                 steps += 1
@@ -260,6 +261,8 @@ class PolicyGradient:
         self.updates += 1
         lengths = mask.sum(-1)
         out = {k: v / steps for k, v in sums.items()}
+        if recorded is not None:  # the sampling policy's, over every completion token of the batch
+            out["entropy"] = float((recorded * mask).sum() / mask.sum().clamp(min=1))
         out.update({"lr": self.optimizer.param_groups[0]["lr"], "advantage/mean": float(token_adv.mean()),
                     "advantage/abs_mean": float(token_adv.abs().mean()), "update/steps": float(steps),
                     "update/tokens": float(lengths.sum()),
@@ -267,6 +270,21 @@ class PolicyGradient:
         if ref is None:
             out.pop("kl")
         return out
+
+    @staticmethod
+    def _sampled_entropy(batch: Batch, t: Tensors) -> torch.Tensor | None:
+        """(N, C) per-token entropy of the policy that sampled `batch`, as the generator recorded it while
+        decoding (the same temperature-scaled distribution the update's forward pass computes), or None where
+        the engine did not record it (vLLM) or a row's record does not match its completion. When recorded, the
+        `entropy` metric is taken from it and the update's passes compute none: no forward without a graph for
+        the rows that skip the backward, no entropy in the forward with one (verl reports its `actor/entropy`
+        from the policy before the update likewise). Otherwise the passes measure it at each step's policy;
+        the two differ by the few optimizer steps of one update."""
+        entropy = batch.sample_entropy
+        if entropy is None or any(len(e) != len(c) for e, c in zip(entropy, batch.completion_ids)):
+            return None
+        C = t.completion_width
+        return torch.tensor([e + [0.0] * (C - len(e)) for e in entropy], device=t.input_ids.device)
 
     def _live_rows(self, adv: torch.Tensor, mask: torch.Tensor, model) -> torch.Tensor | None:
         """(N,) bool: the rows with a nonzero advantage at some completion token, or None where every row goes
@@ -282,7 +300,7 @@ class PolicyGradient:
         return (adv != 0) if adv.dim() == 1 else ((adv != 0) & mask.bool()).any(-1)
 
     def _step(self, model, t: Tensors, rows: torch.Tensor, adv, old, ref, mask,
-              live: torch.Tensor | None = None) -> dict[str, float]:
+              live: torch.Tensor | None = None, measure_entropy: bool = True) -> dict[str, float]:
         cfg = self.cfg
         # under DDP the gradients are views into its all-reduce buckets: zeroed in place they stay there, and
         # micro-batches accumulate into them (one copy of the gradients); elsewhere they are freed
@@ -290,9 +308,10 @@ class PolicyGradient:
         n_seqs, n_tokens = len(rows), float(mask[rows].sum())
         totals = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
         micro_rows = self._micro_rows(t)
-        if live is not None:  # rows with no gradient: only their entropy is measured, without a backward
+        if live is not None:  # rows with no gradient: only their entropy is measured (if asked), without a backward
             idle, rows = rows[~live[rows]], rows[live[rows]]
-            totals["entropy"] = self._entropy_sum(t, idle, mask) / max(n_tokens, 1.0)
+            if measure_entropy:
+                totals["entropy"] = self._entropy_sum(t, idle, mask) / max(n_tokens, 1.0)
         starts = list(range(0, len(rows), micro_rows))
         padded = micro_steps(len(starts), is_sharded(model) or self._deepspeed is not None)
         # a minibatch with no row left still runs one pass with zero weight: the optimizer steps on zero
@@ -305,7 +324,7 @@ class PolicyGradient:
             micro = rows[start : start + micro_rows] if len(rows) else idle[:1]
             m = mask[micro]
             with no_sync(model, last=index == padded - 1):  # DDP all-reduces on the last micro-batch only
-                logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=True,
+                logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=measure_entropy,
                                                  packed=cfg.padding_free)
                 old_logps = logps.detach() if old is None else old[micro]
                 token_loss, stats = clipped_loss(logps, old_logps, adv[micro], m, cfg.eps_low, cfg.eps_high,
@@ -318,7 +337,8 @@ class PolicyGradient:
             if weight == 0.0:
                 continue
             totals["loss"] += float(loss.detach())
-            totals["entropy"] += float((entropy * m).sum()) / max(n_tokens, 1.0)
+            if entropy is not None:
+                totals["entropy"] += float((entropy * m).sum()) / max(n_tokens, 1.0)
             totals["clip_fraction"] += float((stats["clipped"] * m).sum()) / max(n_tokens, 1.0)
             if "kl" in stats:
                 totals["kl"] += float((stats["kl"] * m).sum()) / max(n_tokens, 1.0)

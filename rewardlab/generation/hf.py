@@ -59,22 +59,32 @@ def decode_completions(tokenizer, completion_ids: list[list[int]], finish_reason
     return tokenizer.batch_decode(kept, skip_special_tokens=True)
 
 
+def token_entropy(logps: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of a log-softmax: -sum p log p over the vocabulary."""
+    return -(logps.exp() * logps).sum(dim=-1)
+
+
 class _LogprobRecorder(LogitsProcessor):
+    """Records, at every step of `model.generate`, the sampled token's log-prob and the entropy of the
+    temperature-scaled next-token distribution (the quantities the update's forward pass computes)."""
+
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature
         self.previous: torch.Tensor | None = None
         self.taken: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.previous is not None:
             self.taken.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
         self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.entropy.append(token_entropy(self.previous))
         return scores
 
-    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
-        """(rows, steps) log-probs of the generated tokens."""
+    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, steps) log-probs of the generated tokens and (rows, steps) entropies."""
         self.taken.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
-        return torch.stack(self.taken, dim=1)
+        return torch.stack(self.taken, dim=1), torch.stack(self.entropy, dim=1)
 
 
 @contextlib.contextmanager
@@ -116,6 +126,7 @@ class HFGenerator:
         row_ids = [ids for ids in encoded for _ in range(n)]
         completion_ids: list[list[int]] = []
         logprobs: list[list[float]] = []
+        entropies: list[list[float]] = []
         finish: list[str] = []
         stops = set(stop_token_ids(model, tokenizer))
         was_training = model.training
@@ -124,12 +135,13 @@ class HFGenerator:
         for start in range(0, len(encoded), per_chunk):
             chunk = encoded[start : start + per_chunk]
             if self.engine == "native":
-                ids, logps = self._decode_chunk(chunk, n, sampling, greedy)
+                ids, logps, entropy = self._decode_chunk(chunk, n, sampling, greedy)
             else:
-                ids, logps = self._generate_chunk([r for r in chunk for _ in range(n)], sampling, greedy)
-            for row_tokens, row_logps in zip(ids, logps):
+                ids, logps, entropy = self._generate_chunk([r for r in chunk for _ in range(n)], sampling, greedy)
+            for row_tokens, row_logps, row_entropy in zip(ids, logps, entropy):
                 completion_ids.append(row_tokens)
                 logprobs.append(row_logps)
+                entropies.append(row_entropy)
                 finish.append("stop" if row_tokens and row_tokens[-1] in stops else "length")
         model.train(was_training)
         texts = decode_completions(tokenizer, completion_ids, finish)
@@ -138,7 +150,7 @@ class HFGenerator:
             prompt_ids=row_ids, completion_ids=completion_ids, finish_reason=finish,
             reference=[ex.answer for ex in rows], solution=[ex.solution for ex in rows],
             question=[ex.question for ex in rows], messages=[ex.messages for ex in rows],
-            sample_logprobs=None if greedy else logprobs,
+            sample_logprobs=None if greedy else logprobs, sample_entropy=None if greedy else entropies,
         )
 
     @staticmethod
@@ -168,6 +180,7 @@ class HFGenerator:
         max_new = sampling.max_new_tokens
         tokens = torch.full((rows, max_new), pad, dtype=torch.long, device=device)
         logps = torch.zeros((rows, max_new), device=device)
+        entropy = torch.zeros((rows, max_new), device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         active = torch.arange(rows, device=device)
         warpers = [] if greedy else [w for w in (
@@ -182,7 +195,9 @@ class HFGenerator:
                 for warp in warpers:
                     warped = warp(None, warped)
                 chosen = torch.multinomial(torch.softmax(warped, dim=-1), 1).squeeze(1)
-                logps[active, step] = torch.log_softmax(scaled, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+                step_logps = torch.log_softmax(scaled, dim=-1)
+                logps[active, step] = step_logps.gather(1, chosen[:, None]).squeeze(1)
+                entropy[active, step] = token_entropy(step_logps)
             tokens[active, step] = chosen
             lengths[active] += 1
             going = ~torch.isin(chosen, stops)
@@ -199,8 +214,9 @@ class HFGenerator:
         lengths_list = lengths.tolist()
         ids = [row[:length] for row, length in zip(tokens.tolist(), lengths_list)]
         if greedy:
-            return ids, [[] for _ in ids]
-        return ids, [row[:length] for row, length in zip(logps.tolist(), lengths_list)]
+            return ids, [[] for _ in ids], [[] for _ in ids]
+        return ids, [row[:length] for row, length in zip(logps.tolist(), lengths_list)], \
+            [row[:length] for row, length in zip(entropy.tolist(), lengths_list)]
 
     def _generate_chunk(self, chunk: list[list[int]], sampling: Sampling, greedy: bool):
         tokenizer, model, device = self.policy.tokenizer, self.policy.model, self.policy.device
@@ -217,7 +233,7 @@ class HFGenerator:
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_new_tokens,
                                  pad_token_id=pad, eos_token_id=list(stops), **kwargs)
         generated = out[:, width:]
-        logps = recorder.finish(generated[:, -1]) if recorder is not None else None
+        logps, entropy = recorder.finish(generated[:, -1]) if recorder is not None else (None, None)
         is_eos = torch.isin(generated, torch.tensor(stops, device=generated.device))
         has_eos = is_eos.any(dim=1)
         lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, torch.full_like(has_eos, generated.shape[1], dtype=torch.long))
@@ -225,6 +241,6 @@ class HFGenerator:
         lengths_list = lengths.tolist()
         ids = [row[:length] for row, length in zip(tokens, lengths_list)]
         if logps is None:
-            return ids, [[] for _ in ids]
-        logp_list = logps.tolist()
-        return ids, [row[:length] for row, length in zip(logp_list, lengths_list)]
+            return ids, [[] for _ in ids], [[] for _ in ids]
+        return ids, [row[:length] for row, length in zip(logps.tolist(), lengths_list)], \
+            [row[:length] for row, length in zip(entropy.tolist(), lengths_list)]
