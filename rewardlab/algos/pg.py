@@ -89,6 +89,15 @@ def step_positions(batch: Batch, tokenizer) -> list[list[int]]:
             for ids, text, steps in zip(batch.completion_ids, batch.completion, batch.steps)]
 
 
+def _recorded(per_token: list[list[float]] | None, batch: Batch, t: Tensors) -> torch.Tensor | None:
+    """(N, C) a per-token column the generator recorded (zero-padded to the completion width), or None where it
+    recorded none or a row's record does not match its completion."""
+    if per_token is None or any(len(r) != len(c) for r, c in zip(per_token, batch.completion_ids)):
+        return None
+    C = t.completion_width
+    return torch.tensor([r + [0.0] * (C - len(r)) for r in per_token], device=t.input_ids.device)
+
+
 class PolicyGradient:
     """Group policy gradient with a clipped ratio; estimator, clipping and aggregation are settings."""
 
@@ -280,11 +289,7 @@ class PolicyGradient:
         the rows that skip the backward, no entropy in the forward with one (verl reports its `actor/entropy`
         from the policy before the update likewise). Otherwise the passes measure it at each step's policy;
         the two differ by the few optimizer steps of one update."""
-        entropy = batch.sample_entropy
-        if entropy is None or any(len(e) != len(c) for e, c in zip(entropy, batch.completion_ids)):
-            return None
-        C = t.completion_width
-        return torch.tensor([e + [0.0] * (C - len(e)) for e in entropy], device=t.input_ids.device)
+        return _recorded(batch.sample_entropy, batch, t)
 
     def _live_rows(self, adv: torch.Tensor, mask: torch.Tensor, model) -> torch.Tensor | None:
         """(N,) bool: the rows with a nonzero advantage at some completion token, or None where every row goes
@@ -366,10 +371,8 @@ class PolicyGradient:
     @torch.no_grad()
     def _old_logprobs(self, batch: Batch, model, t: Tensors) -> torch.Tensor:
         """The sampling policy's log-probs: from the generator when it recorded them, else recomputed."""
-        if batch.sample_logprobs is not None and all(len(l) == len(c) for l, c in zip(batch.sample_logprobs, batch.completion_ids)):
-            C = t.completion_width
-            return torch.tensor([l + [0.0] * (C - len(l)) for l in batch.sample_logprobs], device=t.input_ids.device)
-        return self._forward_logprobs(model, t)
+        recorded = _recorded(batch.sample_logprobs, batch, t)
+        return self._forward_logprobs(model, t) if recorded is None else recorded
 
     @torch.no_grad()
     def _ref_logprobs(self, policy, t: Tensors) -> torch.Tensor:

@@ -64,6 +64,11 @@ def token_entropy(logps: torch.Tensor) -> torch.Tensor:
     return -(logps.exp() * logps).sum(dim=-1)
 
 
+def _rows(values: torch.Tensor, lengths: torch.Tensor) -> list[list]:
+    """Each row of `values` (rows, steps) cut to its length, as Python lists."""
+    return [row[:length] for row, length in zip(values.tolist(), lengths.tolist())]
+
+
 class _LogprobRecorder(LogitsProcessor):
     """Records, at every step of `model.generate`, the sampled token's log-prob and the entropy of the
     temperature-scaled next-token distribution (the quantities the update's forward pass computes)."""
@@ -211,12 +216,9 @@ class HFGenerator:
             logits = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_position,
                            use_cache=True, **{key: cache}).logits[:, -1]
             next_position = next_position + 1
-        lengths_list = lengths.tolist()
-        ids = [row[:length] for row, length in zip(tokens.tolist(), lengths_list)]
         if greedy:
-            return ids, [[] for _ in ids], [[] for _ in ids]
-        return ids, [row[:length] for row, length in zip(logps.tolist(), lengths_list)], \
-            [row[:length] for row, length in zip(entropy.tolist(), lengths_list)]
+            return _rows(tokens, lengths), [[] for _ in lengths], [[] for _ in lengths]
+        return _rows(tokens, lengths), _rows(logps, lengths), _rows(entropy, lengths)
 
     def _generate_chunk(self, chunk: list[list[int]], sampling: Sampling, greedy: bool):
         tokenizer, model, device = self.policy.tokenizer, self.policy.model, self.policy.device
@@ -237,10 +239,6 @@ class HFGenerator:
         is_eos = torch.isin(generated, torch.tensor(stops, device=generated.device))
         has_eos = is_eos.any(dim=1)
         lengths = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, torch.full_like(has_eos, generated.shape[1], dtype=torch.long))
-        tokens = generated.tolist()
-        lengths_list = lengths.tolist()
-        ids = [row[:length] for row, length in zip(tokens, lengths_list)]
         if logps is None:
-            return ids, [[] for _ in ids], [[] for _ in ids]
-        return ids, [row[:length] for row, length in zip(logps.tolist(), lengths_list)], \
-            [row[:length] for row, length in zip(entropy.tolist(), lengths_list)]
+            return _rows(generated, lengths), [[] for _ in lengths], [[] for _ in lengths]
+        return _rows(generated, lengths), _rows(logps, lengths), _rows(entropy, lengths)
