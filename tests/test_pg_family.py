@@ -104,10 +104,31 @@ def test_several_passes_use_the_sampling_log_probs(small_policy):
     ({"loss_agg": "mean"}, "algo.loss_agg"),
     ({"advantage": "ppo"}, "algo.advantage"),
     ({"lr_schedule": "step"}, "algo.lr_schedule"),
+    ({"minibatch_order": "prompts"}, "algo.minibatch_order='prompts' is not one of groups, rows"),
 ])
 def test_bad_settings_fail_with_the_fix(settings, message):
     with pytest.raises(UserError, match=message):
         PolicyGradient(AlgoContext(), **settings)
+
+
+def test_minibatches_are_cut_from_whole_groups_or_from_shuffled_rows(small_policy):
+    """`groups`: the groups in random order, each one's rows together (minibatches of whole groups where the
+    size is a multiple of the group size); `rows`: a permutation of the rows. Both draw from the algorithm's own
+    generator (checkpointed), so a resumed run cuts the same minibatches."""
+    prompts = ["1+2"] * 4 + ["3+4"] * 4 + ["5+6"] * 4 + ["7+8"] * 4
+    batch = make_batch(small_policy, prompts, ["1"] * 16, rewards=[float(i % 2) for i in range(16)])
+    algo = PolicyGradient(AlgoContext(seed=3), minibatch_order="groups")
+    orders = [algo._order(batch).tolist() for _ in range(6)]
+    for order in orders:
+        assert sorted(order) == list(range(16))
+        blocks = [order[i : i + 4] for i in range(0, 16, 4)]
+        assert all(len({prompts[r] for r in block}) == 1 for block in blocks)  # each minibatch of 4: one group
+    assert len({tuple(o) for o in orders}) > 1  # the group order is shuffled
+    rows = PolicyGradient(AlgoContext(seed=3), minibatch_order="rows")
+    order = rows._order(batch).tolist()
+    assert sorted(order) == list(range(16)) and order != list(range(16))
+    again = PolicyGradient(AlgoContext(seed=3), minibatch_order="groups")
+    assert [again._order(batch).tolist() for _ in range(6)] == orders
 
 
 def test_process_credit_needs_a_process_reward(small_policy):

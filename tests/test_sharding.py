@@ -300,7 +300,10 @@ def test_ranks_with_unequal_micro_batches_train_as_data_parallel(tmp_path: Path)
     assert seen[0] == seen[1]  # both ranks agree on the weights and the gradient norm
     assert seen[0]["norms"]["sharded"] == pytest.approx(seen[0]["norms"]["plain"], rel=1e-5)
     assert seen[0]["keys_equal"] and seen[0]["moved"] > 1e-4  # the update moved the weights...
-    assert seen[0]["diff"] < 1e-5  # ...the same way (sums in another order, which AdamW scales up: not bit-equal)
+    # ...the same way: sums in another order (the plain run's packed pass computes each shared prompt once, the
+    # sharded one pads every row), which AdamW's normalization scales up on near-zero gradients: 1.5e-5 seen,
+    # not bit-equal; a wrong or missing gradient moves weights by ~lr = 1e-3
+    assert seen[0]["diff"] < 5e-5
 
 
 def test_fsdp_settings_come_from_the_accelerate_launch(monkeypatch):

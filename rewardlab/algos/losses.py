@@ -268,7 +268,7 @@ def token_logprobs(model, t: Tensors, rows: torch.Tensor | slice, temperature: f
     inner = _inner(model)
     if packed and fused_head(model, temperature) is None and packable(inner) and \
             type(inner.get_output_embeddings().weight.data) is torch.Tensor:
-        hidden = packed_head_input(model, inner, ids, attention, C + 1)
+        hidden = packed_head_input(model, inner, ids, attention, C + 1, C)
         head = chunked_head(model)
         if head is not None:
             return HeadLogSoftmax.apply(hidden[:, :-1], head.weight, head.bias, ids[:, -C:], temperature, with_entropy)

@@ -1,16 +1,30 @@
-"""Padding-free forward passes for the update: a micro-batch's rows packed end to end, no padding tokens.
+"""Padding-free forward passes for the update: a micro-batch's rows packed end to end, each distinct prompt once.
 
 A padded micro-batch is as wide as its longest prompt plus its longest completion, and every padding token
-goes through every layer like a real one. On the embedded model the update is its matmuls (BENCHMARKS.md §1),
-and at the default run ~35% of a padded minibatch's tokens are padding (completions of 5 to 40 tokens, mean
-~25). verl removes padding with flash-attention's variable-length kernels (`use_remove_padding`), which exist
-on CUDA only; TRL's GRPOTrainer pads. Here the rows are packed first-fit decreasing into bins as long as the
-longest row (so a bin's attention costs no more than a padded row's), position ids restart at each row, and
-each bin gets a block-diagonal causal 4-D attention mask, which transformers' `sdpa` and `eager` attention use
-as given: every token attends to exactly the tokens it attends to in the padded layout, so log-probs and
-gradients equal the padded pass's to rounding (tests/test_packing.py). The hidden states the LM head receives
-are gathered back into the padded (n, C + 1, H) layout, so the loss, the head paths and the metrics are those
-of the padded pass.
+goes through every layer like a real one; and a GRPO group's rows all begin with the same prompt, which a padded
+(or merely packed) pass computes once per row. On the embedded model the update is its matmuls (BENCHMARKS.md
+§1): at the default run ~35% of a padded minibatch's tokens are padding and ~28% of the rest are prompt copies.
+Here each micro-batch becomes one packed sequence: every distinct prompt of its rows once (rows with the same
+prompt token ids share it), each followed by those rows' completions; position ids are each row's own (the
+prompt 0..P-1, its completion from P), so every token goes through the linear layers, norms and rotary
+embedding exactly as in its row. Attention is the only place where tokens meet: a registered transformers
+attention function (`_shared_prompt_attention`, selected for the pass's duration) gathers, for each row, the
+queries of its completion (and, for the first row of a prompt, the prompt's) and the keys and values of its
+prompt and its own completion into one padded (rows, heads, L, d) layout, calls the model's own `sdpa` or `eager`
+attention on it with a causal mask, and scatters the outputs back. So every token attends to exactly the tokens it
+attends to in the padded layout, and log-probs and gradients equal the padded pass's to rounding (the prompt's
+gradient is the sum of its rows', as in the padded pass; tests/test_packing.py). The hidden states the LM head
+receives are gathered back into the padded (n, C + 1, H) layout, so the loss, the head paths and the metrics are
+those of the padded pass.
+
+This is PrefixGrouper's decomposition (Liu et al. 2025, "Prefix Grouper: Efficient GRPO Training through
+Shared-Prefix Forward"; verl's `actor.use_prefix_grouper` wraps the `prefix_grouper` package the same way, through
+a keyword argument the model hands its attention function). Written here rather than taken from that package
+because it lays out each group as a padded batch row (prefix + all suffixes, padded to the longest group), which
+puts padding back into the linear layers; here the micro-batch stays one unpadded sequence and only attention
+sees a padded layout. It pays off when a micro-batch holds several rows of a prompt: `algo.minibatch_order=groups`
+(the default) keeps each group's rows in one minibatch, as verl does. Checked against the padded forward on the
+same inputs (tests/test_packing.py), including rows that share a prompt and an empty completion.
 
 Used only where that equality holds by construction: `packable` checks a decoder-only model type whose
 attention is the standard causal one over position ids (no sliding windows, no soft-capped or scaled logits),
@@ -20,13 +34,19 @@ fused CUDA head, other architectures) the padded pass runs.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+from transformers import AttentionInterface
 
 # decoder-only families whose attention is plain causal attention with RoPE over `position_ids` and which
-# take a 4-D mask as given (transformers' masking_utils); sliding windows are checked on the config
+# hand their attention function the forward's keyword arguments; sliding windows are checked on the config
 PACKABLE_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "olmo", "olmo2", "gemma", "granite")
 # configs that scale or cap the logits after the head (the head alone does not give them)
 SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+SHARED_PROMPT_ATTENTION = "rewardlab_shared_prompt"
 
 
 def packable(inner) -> bool:
@@ -43,63 +63,110 @@ def packable(inner) -> bool:
         not any(getattr(config, name, None) not in (None, 1.0) for name in SCALED_LOGITS)
 
 
-def _bins(lengths: list[int]) -> list[list[int]]:
-    """Row indices packed first-fit decreasing into bins of the longest length (stable for equal lengths)."""
-    width = max(lengths)
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
-        for b, free in enumerate(room):
-            if lengths[row] <= free:
-                bins[b].append(row)
-                room[b] -= lengths[row]
-                break
-        else:
-            bins.append([row])
-            room.append(width - lengths[row])
-    return bins
+@dataclass
+class Layout:
+    """Where the packed sequence's tokens go in attention and back in the padded layout."""
+
+    ids: torch.Tensor  # (1, T) the packed tokens: each distinct prompt once, then its rows' completions
+    positions: torch.Tensor  # (1, T) each token's position in its own row
+    queries: torch.Tensor  # (A, Lq) packed index of each attention row's queries (0 where padding)
+    keys: torch.Tensor  # (A, Lk) packed index of each attention row's keys and values (0 where padding)
+    allowed: torch.Tensor  # (A, Lq, Lk) bool: query i of row a may attend key j
+    outputs: torch.Tensor  # (T,) where each packed token's attention output is in the (A * Lq) query slots
+    hidden: torch.Tensor  # (n, keep) packed index of each padded-layout position the LM head receives
+    prompts: int  # distinct prompts (for tests and metrics)
 
 
-def packed_head_input(model, inner, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
-                      ) -> torch.Tensor:
+def layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int, completion_width: int) -> Layout:
+    """The shared-prompt layout of padded rows ([left-padded prompt | right-padded completion], as
+    `losses.to_tensors` lays them out) whose last `keep` positions the LM head takes."""
+    n, width = input_ids.shape
+    prompt_end = width - completion_width
+    ids, real = input_ids.tolist(), attention_mask.sum(dim=1).tolist()
+    starts = attention_mask.int().argmax(dim=1).tolist()  # first real token: prompts are left-padded
+    units: dict[tuple[int, ...], list[int]] = {}
+    for row in range(n):
+        units.setdefault(tuple(ids[row][starts[row]:prompt_end]), []).append(row)
+    tokens: list[int] = []
+    positions: list[int] = []
+    attend: list[tuple[list[int], list[int], int]] = []  # (query indices, key indices, offset of query 0 in keys)
+    hidden: list[list[int]] = [[]] * n
+    for prompt, rows in units.items():
+        P, base = len(prompt), len(tokens)
+        tokens.extend(prompt)
+        positions.extend(range(P))
+        prompt_at = list(range(base, base + P))
+        for k, row in enumerate(rows):
+            L, at = real[row] - P, len(tokens)
+            tokens.extend(ids[row][prompt_end : prompt_end + L])
+            positions.extend(range(P, P + L))
+            own = list(range(at, at + L))
+            if k == 0:  # the prompt's tokens are queried once, in its first row
+                attend.append((prompt_at + own, prompt_at + own, 0))
+            elif L:
+                attend.append((own, prompt_at + own, P))
+            # padded column prompt_end - 1 + j: j = 0 the prompt's last token, then the completion, then its last token
+            column = ([base + P - 1] if P else []) + own
+            hidden[row] = (column + column[-1:] * keep)[:keep]
+    Lq, Lk = max(len(q) for q, _, _ in attend), max(len(k) for _, k, _ in attend)
+    queries = torch.tensor([q + [0] * (Lq - len(q)) for q, _, _ in attend])
+    keys = torch.tensor([k + [0] * (Lk - len(k)) for _, k, _ in attend])
+    n_k = torch.tensor([len(k) for _, k, _ in attend])
+    offset = torch.tensor([o for _, _, o in attend])
+    outputs = [0] * len(tokens)  # each packed token is the query of exactly one attention row
+    for a, (q, _, _) in enumerate(attend):
+        for i, token in enumerate(q):
+            outputs[token] = a * Lq + i
+    i, j = torch.arange(Lq)[None, :, None], torch.arange(Lk)[None, None, :]
+    allowed = (j <= offset[:, None, None] + i) & (j < n_k[:, None, None])
+    allowed[:, :, 0] = True  # every real query sees its row's first token; padded queries get a row that is not empty
+    device = input_ids.device
+    return Layout(torch.tensor(tokens, device=device)[None], torch.tensor(positions, device=device)[None],
+                  queries.to(device), keys.to(device), allowed.to(device), torch.tensor(outputs, device=device),
+                  torch.tensor(hidden, device=device), len(units))
+
+
+def _shared_prompt_attention(module, query, key, value, attention_mask, *args, shared_prompt=None, **kwargs):
+    """Attention over the packed sequence (1, heads, T, d) through `Layout`'s per-row gather (module docstring)."""
+    if shared_prompt is None:
+        raise RuntimeError("the shared-prompt attention was called without its layout: this model's forward does "
+                           "not hand its keyword arguments to its attention function")
+    place, attend, mask = shared_prompt
+
+    def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (1, h, T, d) -> (A, h, L, d)
+        return x[0].index_select(1, index.view(-1)).view(x.shape[1], *index.shape, x.shape[-1]).transpose(0, 1)
+
+    out, _ = attend(module, rows(query, place.queries), rows(key, place.keys), rows(value, place.keys), mask,
+                    *args, **kwargs)  # (A, Lq, heads, d)
+    return out.reshape(-1, *out.shape[2:]).index_select(0, place.outputs)[None], None
+
+
+AttentionInterface.register(SHARED_PROMPT_ATTENTION, _shared_prompt_attention)
+
+
+def _attention_function(inner, implementation: str) -> Callable:
+    """The model's own attention function for `implementation` (`sdpa`, or its modeling file's `eager`)."""
+    if implementation == "sdpa":
+        return AttentionInterface()["sdpa"]
+    layer = next(m for m in inner.modules() if hasattr(m, "is_causal") and hasattr(m, "scaling"))
+    return sys.modules[type(layer).__module__].eager_attention_forward
+
+
+def packed_head_input(model, inner, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
+                      completion_width: int) -> torch.Tensor:
     """The LM head's input (n, keep, H) at the last `keep` positions of the padded rows ([left-padded prompt
     | right-padded completion], as `losses.to_tensors` lays them out), computed by one forward of `model`
-    over the rows packed without padding. Positions of the padded layout that hold padding get the hidden
-    state of the row's last token (their log-probs are masked out by the caller)."""
-    n, width = input_ids.shape
-    real = attention_mask.bool()
-    starts = real.int().argmax(dim=1).tolist()  # first real token: prompts are left-padded
-    lengths = real.sum(dim=1).tolist()
-    bins = _bins(lengths)
-    W = max(lengths)
-    device = input_ids.device
-    ids = input_ids.new_full((len(bins), W), int(input_ids[0, 0]))
-    positions = torch.zeros((len(bins), W), dtype=torch.long, device=device)
-    segment = torch.full((len(bins), W), -1, dtype=torch.long, device=device)
-    offset = [0] * n
-    for b, rows in enumerate(bins):
-        at = 0
-        for row in rows:
-            length, start = lengths[row], starts[row]
-            ids[b, at : at + length] = input_ids[row, start : start + length]
-            positions[b, at : at + length] = torch.arange(length, device=device)
-            segment[b, at : at + length] = row
-            offset[row] = b * W + at
-            at += length
-    causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
-    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
-    allowed |= torch.eye(W, dtype=torch.bool, device=device)  # trailing padding attends to itself: no empty row
+    over the rows packed without padding, each distinct prompt once. Positions of the padded layout that hold
+    padding get the hidden state of the row's last token (their log-probs are masked out by the caller)."""
+    place = layout(input_ids, attention_mask, keep, completion_width)
     config = inner.config
-    if config._attn_implementation == "eager":
+    implementation = config._attn_implementation
+    if implementation == "eager":
         dtype = next(inner.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = torch.zeros(place.allowed.shape, dtype=dtype, device=input_ids.device).masked_fill_(
+            ~place.allowed, torch.finfo(dtype).min)[:, None]
     else:
-        mask = allowed
-    # padded position width - keep + j of row i is its token (j - (width - keep) - starts[i]) in packed order
-    column = torch.arange(width - keep, width, device=device)[None, :] - torch.tensor(starts, device=device)[:, None]
-    last = torch.tensor(lengths, device=device)[:, None] - 1
-    index = torch.tensor(offset, device=device)[:, None] + column.clamp(min=0).minimum(last)
-
+        mask = place.allowed[:, None]
     taken: list[torch.Tensor] = []
     head = inner.get_output_embeddings()
 
@@ -108,11 +175,18 @@ def packed_head_input(model, inner, input_ids: torch.Tensor, attention_mask: tor
         return (args[0][:, :0],) + args[1:]
 
     handle = head.register_forward_pre_hook(take)
+    config._attn_implementation = SHARED_PROMPT_ATTENTION
     try:
-        model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, logits_to_keep=0)
+        # the 4-D mask is taken as given (no mask is built); the attention function uses the layout's
+        model(input_ids=place.ids, attention_mask=mask[:1, :, :1, :1], position_ids=place.positions, logits_to_keep=0,
+              shared_prompt=(place, _attention_function(inner, implementation), mask))
     finally:
+        config._attn_implementation = implementation
         handle.remove()
     if len(taken) != 1:
         raise RuntimeError(f"the model called its LM head {len(taken)} times in one forward; expected once")
-    hidden = taken[0]
-    return hidden.reshape(-1, hidden.shape[-1])[index.reshape(-1)].view(n, keep, hidden.shape[-1])
+    # index_select, not advanced indexing: a prompt's last token feeds every row of its group, and the backward
+    # of `x[index]` sums repeated indices with parallel atomic adds on CPU (an order that varies with the load,
+    # so runs would not repeat bit for bit); index_select's backward (index_add_) sums them in order
+    hidden = taken[0][0]
+    return hidden.index_select(0, place.hidden.view(-1)).view(*place.hidden.shape, hidden.shape[-1])

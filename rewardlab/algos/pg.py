@@ -32,6 +32,7 @@ from rewardlab.steps import step_char_ends, step_token_ends
 PROCESS_BASELINES = ("grpo", "rloo")  # the estimators step-level credit has a baseline form for
 LOSS_AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+MINIBATCH_ORDERS = ("groups", "rows")
 
 
 @schema("algo", "pg")
@@ -53,6 +54,7 @@ class PGConfig:
     eps_high: float = 0.2
     num_iterations: int = 1  # passes over each batch
     minibatch_size: int = 32  # completions per optimizer step (several steps per batch); 0 = the whole batch
+    minibatch_order: str = "groups"  # groups: each prompt's samples stay together, groups shuffled (verl) | rows
     micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation)
     micro_batch_tokens: int = 0  # cap on padded tokens per forward/backward (fewer rows for long ones); 0: none
     padding_free: bool = True  # pack each micro-batch's rows without padding where the model allows (algos/packing.py)
@@ -79,6 +81,8 @@ def check_settings(cfg: PGConfig) -> None:
         raise UserError(f"algo.prm_scale={cfg.prm_scale!r} is not one of prob, signed")
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
         raise UserError(f"algo.loss_agg={cfg.loss_agg!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
+    if cfg.minibatch_order not in MINIBATCH_ORDERS:
+        raise UserError(f"algo.minibatch_order={cfg.minibatch_order!r} is not one of {', '.join(MINIBATCH_ORDERS)}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"algo.lr_schedule={cfg.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
 
@@ -255,7 +259,7 @@ class PolicyGradient:
         steps = 0
         size = cfg.minibatch_size if cfg.minibatch_size > 0 else n
         for _ in range(cfg.num_iterations):
-            order = torch.randperm(n, generator=self.generator).to(device)
+            order = self._order(batch).to(device)
             for start in range(0, n, size):
                 rows = order[start : start + size]
                 stats = self._step(trained, t, rows, adv, old, ref, mask, live, measure_entropy=recorded is None)
@@ -279,6 +283,18 @@ class PolicyGradient:
         if ref is None:
             out.pop("kl")
         return out
+
+    def _order(self, batch: Batch) -> torch.Tensor:
+        """The rows in the order the minibatches are cut from. `groups` (default): the batch's groups (rows of
+        one prompt) in random order, each group's rows together, so a minibatch holds whole groups where
+        `minibatch_size` is a multiple of the group size, as in verl (its minibatches count prompts x rollout.n,
+        split in order); then the packed pass computes each prompt once for all its rows (algos/packing.py).
+        `rows`: the rows shuffled one by one (TRL's GRPOTrainer shuffles its generation batch so)."""
+        if self.cfg.minibatch_order == "rows":
+            return torch.randperm(len(batch), generator=self.generator)
+        groups = list(batch.groups().values())
+        return torch.tensor([row for g in torch.randperm(len(groups), generator=self.generator).tolist()
+                             for row in groups[g]])
 
     @staticmethod
     def _sampled_entropy(batch: Batch, t: Tensors) -> torch.Tensor | None:
