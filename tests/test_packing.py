@@ -1,7 +1,7 @@
 """Padding-free update passes (rewardlab/algos/packing.py): the packed forward, each distinct prompt computed
 once for all its rows, gives the padded forward's log-probs, entropy and parameter gradients, on the embedded
-Llama and on a Qwen2-class model large enough in vocabulary to take the chunked-head path, under sdpa and eager
-attention, with and without rows that share a prompt; and it is refused where the equality would not hold."""
+Llama (with and without activation checkpointing) and on every packable family, with and without rows that share
+a prompt; and it is refused where the equality would not hold (eager attention runs padded)."""
 
 from __future__ import annotations
 
@@ -47,18 +47,21 @@ def padded_and_packed(model, t, rows, temperature=0.7):
     return out
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_pass_equals_the_padded_pass_on_the_embedded_policy(tiny_policy, attention, shared):
+def test_packed_pass_equals_the_padded_pass_on_the_embedded_policy(tiny_policy, shared, checkpointing):
+    """Also under activation checkpointing, whose backward recomputes each layer's forward after the pass has
+    returned: the recomputed attention must be the shared-prompt one again (it is, through the call's keyword
+    argument; a config switch for the pass's duration was not, and the recomputation failed)."""
     from rewardlab.policy import load_policy
 
     policy = load_policy(device="cpu", log=lambda *_: None)
     model = policy.model.train()
-    model.config._attn_implementation = attention
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     t = ragged_batch(0, 12, len(policy.tokenizer), policy.tokenizer.pad_token_id, shared=shared)
     assert packing.packable(model)
     (lp, ent, grad), (plp, pent, pgrad) = padded_and_packed(model, t, torch.tensor([5, 0, 2, 7, 1, 4, 9, 11, 3]))
-    assert model.config._attn_implementation == attention  # the pass's own attention function is put back
     torch.testing.assert_close(plp, lp, atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(pent, ent, atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(pgrad, grad, atol=2e-4, rtol=1e-4)
@@ -134,6 +137,8 @@ def test_models_whose_attention_packing_would_change_are_not_packed():
     full = MistralForCausalLM(MistralConfig(**small, sliding_window=None, attn_implementation="sdpa"))
     assert packing.packable(full)
     full.config._attn_implementation = "flash_attention_2"
+    assert not packing.packable(full)
+    full.config._attn_implementation = "eager"  # runs padded: the shared-prompt pass goes through sdpa
     assert not packing.packable(full)
 
 

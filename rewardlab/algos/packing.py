@@ -7,11 +7,11 @@ goes through every layer like a real one; and a GRPO group's rows all begin with
 Here each micro-batch becomes one packed sequence: every distinct prompt of its rows once (rows with the same
 prompt token ids share it), each followed by those rows' completions; position ids are each row's own (the
 prompt 0..P-1, its completion from P), so every token goes through the linear layers, norms and rotary
-embedding exactly as in its row. Attention is the only place where tokens meet: a registered transformers
-attention function (`_shared_prompt_attention`, selected for the pass's duration) gathers, for each row, the
-queries of its completion (and, for the first row of a prompt, the prompt's) and the keys and values of its
-prompt and its own completion into one padded (rows, heads, L, d) layout, calls the model's own `sdpa` or `eager`
-attention on it with a causal mask, and scatters the outputs back. So every token attends to exactly the tokens it
+embedding exactly as in its row. Attention is the only place where tokens meet: transformers' `sdpa` attention
+function, given the pass's layout as a keyword argument the model hands down to it (`_install`), gathers for each row
+the queries of its completion (and, for the first row of a prompt, the prompt's) and the keys and values of its
+prompt and its own completion into one padded (rows, heads, L, d) layout, attends on it with a causal mask, and
+scatters the outputs back. So every token attends to exactly the tokens it
 attends to in the padded layout, and log-probs and gradients equal the padded pass's to rounding (the prompt's
 gradient is the sum of its rows', as in the padded pass; tests/test_packing.py). The hidden states the LM head
 receives are gathered back into the padded (n, C + 1, H) layout, so the loss, the head paths and the metrics are
@@ -28,13 +28,12 @@ same inputs (tests/test_packing.py), including rows that share a prompt and an e
 
 Used only where that equality holds by construction: `packable` checks a decoder-only model type whose
 attention is the standard causal one over position ids (no sliding windows, no soft-capped or scaled logits),
-an `sdpa` or `eager` attention implementation, and a plain linear LM head. Elsewhere (flash-attention, TRL's
+the `sdpa` attention implementation (transformers' default; `eager` runs padded), and a plain linear LM head. Elsewhere (flash-attention, TRL's
 fused CUDA head, other architectures) the padded pass runs.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,7 +45,6 @@ from transformers import AttentionInterface
 PACKABLE_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "olmo", "olmo2", "gemma", "granite")
 # configs that scale or cap the logits after the head (the head alone does not give them)
 SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
-SHARED_PROMPT_ATTENTION = "rewardlab_shared_prompt"
 
 
 def packable(inner) -> bool:
@@ -55,7 +53,7 @@ def packable(inner) -> bool:
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if config is None or type(head) is not torch.nn.Linear or getattr(config, "model_type", None) not in PACKABLE_TYPES:
         return False
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+    if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
     layer_types = getattr(config, "layer_types", None) or ()
@@ -126,30 +124,37 @@ def layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int, com
                   torch.tensor(hidden, device=device), len(units))
 
 
-def _shared_prompt_attention(module, query, key, value, attention_mask, *args, shared_prompt=None, **kwargs):
-    """Attention over the packed sequence (1, heads, T, d) through `Layout`'s per-row gather (module docstring)."""
-    if shared_prompt is None:
-        raise RuntimeError("the shared-prompt attention was called without its layout: this model's forward does "
-                           "not hand its keyword arguments to its attention function")
-    place, attend, mask = shared_prompt
+def _accepting_shared_prompt(original: Callable) -> Callable:
+    """transformers' `sdpa` attention function, taking one more keyword argument: `shared_prompt`, the packed
+    pass's (Layout, mask). Without it the call goes to `original` as it was; with it, the packed sequence's
+    queries, keys and values (1, heads, T, d) are gathered per row (module docstring), `original` attends on them
+    with the layout's mask, and the outputs are scattered back to (1, T, heads, d)."""
 
-    def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (1, h, T, d) -> (A, h, L, d)
-        return x[0].index_select(1, index.view(-1)).view(x.shape[1], *index.shape, x.shape[-1]).transpose(0, 1)
+    def attention(module, query, key, value, attention_mask, *args, shared_prompt=None, **kwargs):
+        if shared_prompt is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        place, mask = shared_prompt
 
-    out, _ = attend(module, rows(query, place.queries), rows(key, place.keys), rows(value, place.keys), mask,
-                    *args, **kwargs)  # (A, Lq, heads, d)
-    return out.reshape(-1, *out.shape[2:]).index_select(0, place.outputs)[None], None
+        def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (1, h, T, d) -> (A, h, L, d)
+            return x[0].index_select(1, index.view(-1)).view(x.shape[1], *index.shape, x.shape[-1]).transpose(0, 1)
+
+        out, _ = original(module, rows(query, place.queries), rows(key, place.keys), rows(value, place.keys), mask,
+                          *args, **kwargs)  # (A, Lq, heads, d)
+        return out.reshape(-1, *out.shape[2:]).index_select(0, place.outputs)[None], None
+
+    attention.accepts_shared_prompt = True
+    return attention
 
 
-AttentionInterface.register(SHARED_PROMPT_ATTENTION, _shared_prompt_attention)
-
-
-def _attention_function(inner, implementation: str) -> Callable:
-    """The model's own attention function for `implementation` (`sdpa`, or its modeling file's `eager`)."""
-    if implementation == "sdpa":
-        return AttentionInterface()["sdpa"]
-    layer = next(m for m in inner.modules() if hasattr(m, "is_causal") and hasattr(m, "scaling"))
-    return sys.modules[type(layer).__module__].eager_attention_forward
+def _install() -> None:
+    """Make transformers' `sdpa` attention take `shared_prompt` (once per process; calls without it are
+    unchanged). It is the attention function itself, not a different implementation named in the config for
+    the pass's duration, because activation checkpointing recomputes a layer's forward during the backward,
+    after the pass has returned: the keyword argument is part of the recomputed call, a config switch would not
+    be. verl's PrefixGrouper integration patches the same registry the same way."""
+    current = AttentionInterface._global_mapping["sdpa"]
+    if not getattr(current, "accepts_shared_prompt", False):
+        AttentionInterface.register("sdpa", _accepting_shared_prompt(current))
 
 
 def packed_head_input(model, inner, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
@@ -158,15 +163,9 @@ def packed_head_input(model, inner, input_ids: torch.Tensor, attention_mask: tor
     | right-padded completion], as `losses.to_tensors` lays them out), computed by one forward of `model`
     over the rows packed without padding, each distinct prompt once. Positions of the padded layout that hold
     padding get the hidden state of the row's last token (their log-probs are masked out by the caller)."""
+    _install()
     place = layout(input_ids, attention_mask, keep, completion_width)
-    config = inner.config
-    implementation = config._attn_implementation
-    if implementation == "eager":
-        dtype = next(inner.parameters()).dtype
-        mask = torch.zeros(place.allowed.shape, dtype=dtype, device=input_ids.device).masked_fill_(
-            ~place.allowed, torch.finfo(dtype).min)[:, None]
-    else:
-        mask = place.allowed[:, None]
+    mask = place.allowed[:, None]
     taken: list[torch.Tensor] = []
     head = inner.get_output_embeddings()
 
@@ -175,13 +174,11 @@ def packed_head_input(model, inner, input_ids: torch.Tensor, attention_mask: tor
         return (args[0][:, :0],) + args[1:]
 
     handle = head.register_forward_pre_hook(take)
-    config._attn_implementation = SHARED_PROMPT_ATTENTION
     try:
-        # the 4-D mask is taken as given (no mask is built); the attention function uses the layout's
+        # a 4-D mask is taken as given (no mask is built for the packed sequence); attention uses the layout's
         model(input_ids=place.ids, attention_mask=mask[:1, :, :1, :1], position_ids=place.positions, logits_to_keep=0,
-              shared_prompt=(place, _attention_function(inner, implementation), mask))
+              shared_prompt=(place, mask))
     finally:
-        config._attn_implementation = implementation
         handle.remove()
     if len(taken) != 1:
         raise RuntimeError(f"the model called its LM head {len(taken)} times in one forward; expected once")
