@@ -152,7 +152,7 @@ def _install() -> None:
     the pass's duration, because activation checkpointing recomputes a layer's forward during the backward,
     after the pass has returned: the keyword argument is part of the recomputed call, a config switch would not
     be. verl's PrefixGrouper integration patches the same registry the same way."""
-    current = AttentionInterface._global_mapping["sdpa"]
+    current = AttentionInterface()["sdpa"]  # a fresh interface: the library-wide mapping, no local override
     if not getattr(current, "accepts_shared_prompt", False):
         AttentionInterface.register("sdpa", _accepting_shared_prompt(current))
 
