@@ -172,3 +172,20 @@ def test_every_packable_family_gives_the_padded_pass_with_shared_prompts(model_t
     torch.testing.assert_close(pent, ent, atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(pgrad, grad, atol=1e-5, rtol=1e-4)
     assert grad.abs().max() > 0.1
+
+
+def test_a_forward_that_does_not_hand_the_layout_to_attention_is_refused(monkeypatch):
+    """A layer that attended without the layout would attend over the whole packed sequence: the pass raises
+    instead of returning wrong hidden states (here the model drops its keyword arguments on the way down)."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(config)
+    t = ragged_batch(2, 12, 64, 0, shared=True)
+    layer = type(model.model.layers[0])
+    forward = layer.forward
+    monkeypatch.setattr(layer, "forward", lambda self, hidden_states, *a, shared_prompt=None, **k:
+                        forward(self, hidden_states, *a, **k))
+    with pytest.raises(RuntimeError, match="0 of the model's attention calls received the packed pass's layout"):
+        packing.packed_head_input(model, model, t.input_ids, t.attention_mask, t.completion_width + 1,
+                                  t.completion_width)

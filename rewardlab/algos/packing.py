@@ -73,6 +73,7 @@ class Layout:
     outputs: torch.Tensor  # (T,) where each packed token's attention output is in the (A * Lq) query slots
     hidden: torch.Tensor  # (n, keep) packed index of each padded-layout position the LM head receives
     prompts: int  # distinct prompts (for tests and metrics)
+    calls: int = 0  # attention calls that used this layout (one per layer in the forward)
 
 
 def layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int, completion_width: int) -> Layout:
@@ -134,6 +135,7 @@ def _accepting_shared_prompt(original: Callable) -> Callable:
         if shared_prompt is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         place, mask = shared_prompt
+        place.calls += 1
 
         def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (1, h, T, d) -> (A, h, L, d)
             return x[0].index_select(1, index.view(-1)).view(x.shape[1], *index.shape, x.shape[-1]).transpose(0, 1)
@@ -182,6 +184,12 @@ def packed_head_input(model, inner, input_ids: torch.Tensor, attention_mask: tor
         handle.remove()
     if len(taken) != 1:
         raise RuntimeError(f"the model called its LM head {len(taken)} times in one forward; expected once")
+    layers = getattr(inner.config, "num_hidden_layers", None)
+    if place.calls == 0 or (layers is not None and place.calls != layers):
+        # a layer that attended without the layout attended over the whole packed sequence: refuse, not train on it
+        raise RuntimeError(f"{place.calls} of the model's attention calls received the packed pass's layout "
+                           f"(expected one per layer, {layers}): this model's forward does not hand its keyword "
+                           "arguments to its attention function; set algo.padding_free=false")
     # index_select, not advanced indexing: a prompt's last token feeds every row of its group, and the backward
     # of `x[index]` sums repeated indices with parallel atomic adds on CPU (an order that varies with the load,
     # so runs would not repeat bit for bit); index_select's backward (index_add_) sums them in order
