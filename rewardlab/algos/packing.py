@@ -72,7 +72,7 @@ class Layout:
     allowed: torch.Tensor  # (A, Lq, Lk) bool: query i of row a may attend key j
     outputs: torch.Tensor  # (T,) where each packed token's attention output is in the (A * Lq) query slots
     hidden: torch.Tensor  # (n, keep) packed index of each padded-layout position the LM head receives
-    prompts: int  # distinct prompts (for tests and metrics)
+    prompts: int  # distinct prompts (for tests)
     calls: int = 0  # attention calls that used this layout (one per layer in the forward)
 
 
