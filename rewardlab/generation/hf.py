@@ -28,6 +28,7 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessor, Logits
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from rewardlab.errors import UserError
+from rewardlab.generation.fused_step import FusedStep, fused_step_unsupported
 
 from rewardlab.config import schema
 from rewardlab.data.base import Example
@@ -48,6 +49,7 @@ class HFConfig:
     _target_: str = "rewardlab.generation.hf.HFGenerator"
     batch_size: int = 256  # rows per generate call
     engine: str = "native"  # native (KV-cache loop that drops finished rows) | generate (model.generate)
+    fused_step: bool = True  # native engine, Llama/Qwen2/Mistral models: decode with rewardlab's own step (fused_step.py)
     sampling: Sampling = field(default_factory=Sampling)
 
 ENGINES = ("native", "generate")
@@ -109,12 +111,13 @@ class HFGenerator:
     """Generates with the policy's own model; `sync` is a no-op because it shares the weights."""
 
     def __init__(self, policy, batch_size: int = 256, sampling: Sampling | dict | None = None,
-                 engine: str = "native") -> None:
+                 engine: str = "native", fused_step: bool = True) -> None:
         if engine not in ENGINES:
             raise UserError(f"generation.engine={engine!r} is not one of {', '.join(ENGINES)}")
         self.policy = policy
         self.batch_size = batch_size
         self.engine = engine
+        self.fused_step = fused_step
         self.sampling = sampling if isinstance(sampling, Sampling) else Sampling(**(sampling or {}))
 
     def sync(self, policy) -> None:
@@ -137,10 +140,12 @@ class HFGenerator:
         was_training = model.training
         model.eval()
         per_chunk = max(1, self.batch_size // n)  # whole prompts per chunk (native prefills each prompt once)
+        fused = FusedStep(model) if self.engine == "native" and self.fused_step and not fused_step_unsupported(
+            model) else None  # weights read once per call: they change between updates
         for start in range(0, len(encoded), per_chunk):
             chunk = encoded[start : start + per_chunk]
             if self.engine == "native":
-                ids, logps, entropy = self._decode_chunk(chunk, n, sampling, greedy)
+                ids, logps, entropy = self._decode_chunk(chunk, n, sampling, greedy, fused)
             else:
                 ids, logps, entropy = self._generate_chunk([r for r in chunk for _ in range(n)], sampling, greedy)
             for row_tokens, row_logps, row_entropy in zip(ids, logps, entropy):
@@ -164,9 +169,11 @@ class HFGenerator:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
-    def _decode_chunk(self, prompts: list[list[int]], n: int, sampling: Sampling, greedy: bool):
+    def _decode_chunk(self, prompts: list[list[int]], n: int, sampling: Sampling, greedy: bool,
+                      fused: FusedStep | None = None):
         """`n` completions for each of `prompts` (token ids): prefill once per prompt, repeat the cache
-        `n` times, then decode one token per step for the rows that have not yet emitted a stop id."""
+        `n` times, then decode one token per step for the rows that have not yet emitted a stop id (with
+        `fused`'s own step where given, else the model's forward)."""
         tokenizer, model, device = self.policy.tokenizer, self.policy.model, self.policy.device
         pad = tokenizer.pad_token_id
         stops = torch.tensor(stop_token_ids(model, tokenizer), device=device)
@@ -183,41 +190,59 @@ class HFGenerator:
         next_position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
         rows = len(prompts) * n
         max_new = sampling.max_new_tokens
-        tokens = torch.full((rows, max_new), pad, dtype=torch.long, device=device)
-        logps = torch.zeros((rows, max_new), device=device)
-        entropy = torch.zeros((rows, max_new), device=device)
-        lengths = torch.zeros(rows, dtype=torch.long, device=device)
         active = torch.arange(rows, device=device)
+        if fused is not None:
+            fused.start(cache, attention, max_new)
+            del cache
         warpers = [] if greedy else [w for w in (
             TopKLogitsWarper(sampling.top_k) if sampling.top_k > 0 else None,
             TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1.0 else None) if w is not None]
+        # per step: the live rows, their tokens (and log-probs, entropies); written into (rows, steps) at the end
+        record: list[tuple[torch.Tensor, ...]] = []
         for step in range(max_new):
-            scaled = logits.float() / (1.0 if greedy else sampling.temperature)
+            scaled = logits.float()
             if greedy:
                 chosen = scaled.argmax(dim=-1)
+                record.append((active, chosen))
             else:
+                if sampling.temperature != 1.0:
+                    scaled = scaled / sampling.temperature
                 warped = scaled
                 for warp in warpers:
                     warped = warp(None, warped)
                 chosen = torch.multinomial(torch.softmax(warped, dim=-1), 1).squeeze(1)
                 step_logps = torch.log_softmax(scaled, dim=-1)
-                logps[active, step] = step_logps.gather(1, chosen[:, None]).squeeze(1)
-                entropy[active, step] = token_entropy(step_logps)
-            tokens[active, step] = chosen
-            lengths[active] += 1
-            going = ~torch.isin(chosen, stops)
-            if step == max_new - 1 or not bool(going.any()):
+                record.append((active, chosen, step_logps.gather(1, chosen[:, None]).squeeze(1),
+                               token_entropy(step_logps)))
+            if step == max_new - 1:
                 break
-            if not bool(going.all()):  # finished rows leave the batch and the cache
-                keep = going.nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
+            keep = (~torch.isin(chosen, stops)).nonzero().squeeze(1)
+            if len(keep) == 0:
+                break
+            if len(keep) < len(active):  # finished rows leave the batch and the cache
+                if fused is not None:
+                    fused.select(keep)
+                else:
+                    cache.batch_select_indices(keep)
                 active, chosen, attention, next_position = active[keep], chosen[keep], attention[keep], next_position[keep]
-            attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
-            logits = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_position,
-                           use_cache=True, **{key: cache}).logits[:, -1]
+            if fused is not None:
+                logits = fused.step(chosen, next_position)
+            else:
+                attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
+                logits = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_position,
+                               use_cache=True, **{key: cache}).logits[:, -1]
             next_position = next_position + 1
+        where = torch.cat([r[0] for r in record])
+        column = torch.repeat_interleave(torch.arange(len(record), device=device),
+                                         torch.tensor([len(r[0]) for r in record], device=device))
+        lengths = torch.bincount(where, minlength=rows)
+        tokens = torch.full((rows, max_new), pad, dtype=torch.long, device=device)
+        tokens[where, column] = torch.cat([r[1] for r in record])
         if greedy:
             return _rows(tokens, lengths), [[] for _ in lengths], [[] for _ in lengths]
+        logps, entropy = torch.zeros((2, rows, max_new), device=device)
+        logps[where, column] = torch.cat([r[2] for r in record])
+        entropy[where, column] = torch.cat([r[3] for r in record])
         return _rows(tokens, lengths), _rows(logps, lengths), _rows(entropy, lengths)
 
     def _generate_chunk(self, chunk: list[list[int]], sampling: Sampling, greedy: bool):
