@@ -84,9 +84,10 @@ def test_packed_pass_equals_the_padded_pass_through_the_chunked_head():
 
 
 def test_rows_sharing_a_prompt_go_through_the_model_once():
-    """The packed sequence holds each distinct prompt once and every completion once; each of its tokens is
-    one attention query; the LM head gets, per padded position, its row's token (the prompt's last token first),
-    and padding positions the row's last token."""
+    """The packed sequence holds each distinct prompt once and every completion once but its last token (which
+    predicts nothing); each of its tokens is one attention query; the LM head gets, per padded position that
+    predicts a completion token, its row's token (the prompt's last token first), and the positions after
+    (not scored) the last of those again."""
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa")
@@ -98,7 +99,7 @@ def test_rows_sharing_a_prompt_go_through_the_model_once():
     place = packing.layout(t.input_ids, t.attention_mask, t.completion_width + 1, t.completion_width)
     distinct = {tuple(p) for p in prompts}
     assert place.prompts == len(GROUPS) == len(distinct)
-    assert place.ids.shape[1] == sum(map(len, distinct)) + sum(completions)  # 12 rows' prompts would be more
+    assert place.ids.shape[1] == sum(map(len, distinct)) + sum(max(c - 1, 0) for c in completions)  # not 12 prompts
     assert sorted(place.outputs.tolist()) == sorted(set(place.outputs.tolist()))  # each token queried once
     assert len(place.outputs) == place.ids.shape[1]
     seen = []
@@ -122,9 +123,10 @@ def test_rows_sharing_a_prompt_go_through_the_model_once():
     packed = place.ids[0]
     for row in range(12):
         tokens = packed[place.hidden[row]].tolist()
+        fed = max(completions[row] - 1, 0)
         assert tokens[0] == prompts[row][-1]
-        assert tokens[1 : 1 + completions[row]] == t.input_ids[row, prompt_end : prompt_end + completions[row]].tolist()
-        assert set(tokens[1 + completions[row] :]) <= {tokens[completions[row]]}
+        assert tokens[1 : 1 + fed] == t.input_ids[row, prompt_end : prompt_end + fed].tolist()
+        assert set(tokens[1 + fed :]) <= {tokens[fed]}
 
 
 def test_models_whose_attention_packing_would_change_are_not_packed():

@@ -97,14 +97,18 @@ def layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int, com
         prompt_at = list(range(base, base + P))
         for k, row in enumerate(rows):
             L, at = real[row] - P, len(tokens)
-            tokens.extend(ids[row][prompt_end : prompt_end + L])
-            positions.extend(range(P, P + L))
-            own = list(range(at, at + L))
+            # the completion's last token predicts nothing (no later token attends to it and its output is not
+            # scored): it is left out of the pass
+            fed = L - 1 if P and L else L
+            tokens.extend(ids[row][prompt_end : prompt_end + fed])
+            positions.extend(range(P, P + fed))
+            own = list(range(at, at + fed))
             if k == 0:  # the prompt's tokens are queried once, in its first row
                 attend.append((prompt_at + own, prompt_at + own, 0))
-            elif L:
+            elif fed:
                 attend.append((own, prompt_at + own, P))
-            # padded column prompt_end - 1 + j: j = 0 the prompt's last token, then the completion, then its last token
+            # padded column prompt_end - 1 + j: j = 0 the prompt's last token, then the completion but its last
+            # token; the positions after (not scored) repeat the last
             column = ([base + P - 1] if P else []) + own
             hidden[row] = (column + column[-1:] * keep)[:keep]
     Lq, Lk = max(len(q) for q, _, _ in attend), max(len(k) for _, k, _ in attend)
