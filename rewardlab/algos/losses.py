@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rewardlab.algos.packing import SCALED_LOGITS, packable, packed_head_input
+from rewardlab.algos.packing import SCALED_LOGITS, long_tensor, packable, packed_head_input
 from rewardlab.errors import UserError
 from rewardlab.rollout import Batch
 
@@ -39,10 +39,10 @@ def to_tensors(batch: Batch, pad_id: int, device: torch.device) -> Tensors:
         ids.append([pad_id] * left + p + c + [pad_id] * right)
         attn.append([0] * left + [1] * (len(p) + len(c)) + [0] * right)
         cmask.append([1] * len(c) + [0] * right)
-    input_ids = torch.tensor(ids, device=device)
-    attention = torch.tensor(attn, device=device)
+    input_ids = long_tensor(ids).to(device)
+    attention = long_tensor(attn).to(device)
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    return Tensors(input_ids, attention, positions, torch.tensor(cmask, device=device, dtype=torch.float), C)
+    return Tensors(input_ids, attention, positions, long_tensor(cmask).to(device=device, dtype=torch.float), C)
 
 
 CHUNK_ELEMENTS = 1 << 25  # logits elements (rows x tokens x vocabulary) handled at once: 128 MB in fp32

@@ -8,7 +8,10 @@ forward: each distinct prompt is prefilled once and its cache repeated for its `
 that have emitted EOS leave the batch (their cache rows are dropped), so no compute goes to finished
 rows or duplicate prompts. `generate` calls transformers' `model.generate`, which keeps finished rows
 in the batch and prefills every copy of a prompt; it is kept for models whose cache cannot drop rows.
-On the embedded task `native` is ~25% faster (BENCHMARKS.md) and greedy outputs are identical.
+On the embedded task `native` is ~25% faster (BENCHMARKS.md) and greedy outputs are identical. For the
+Llama family (`fused_step.py`: Llama, Qwen2, Mistral with plain weights) `native` takes each step after the
+prefill with its own few tensor operations instead of the model's forward (`fused_step`, default on; the same
+logits to rounding, tested against the forward).
 
 Sampling follows transformers' warpers (temperature, then top-k, then top-p). The log-probs recorded
 are under the temperature-scaled distribution, the same quantity the policy-gradient loss recomputes
@@ -64,6 +67,18 @@ def decode_completions(tokenizer, completion_ids: list[list[int]], finish_reason
 def token_entropy(logps: torch.Tensor) -> torch.Tensor:
     """Entropy of each row of a log-softmax: -sum p log p over the vocabulary."""
     return -(logps.exp() * logps).sum(dim=-1)
+
+
+def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` (rows, vocab), by the inverse of each row's cumulative distribution: one
+    uniform number per row, where `torch.multinomial` draws an exponential per vocabulary entry (most of a small
+    model's sampling time). Tokens of probability 0 are never drawn (tests/test_generation.py checks the
+    frequencies)."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # u < 1, so u * total < total (rounding cannot reach it): the index is always that of a token with probability
+    u = torch.rand(total.shape, device=probs.device, dtype=cdf.dtype) * total
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
 def _rows(values: torch.Tensor, lengths: torch.Tensor) -> list[list]:
@@ -207,13 +222,18 @@ class HFGenerator:
             else:
                 if sampling.temperature != 1.0:
                     scaled = scaled / sampling.temperature
-                warped = scaled
-                for warp in warpers:
-                    warped = warp(None, warped)
-                chosen = torch.multinomial(torch.softmax(warped, dim=-1), 1).squeeze(1)
                 step_logps = torch.log_softmax(scaled, dim=-1)
-                record.append((active, chosen, step_logps.gather(1, chosen[:, None]).squeeze(1),
-                               token_entropy(step_logps)))
+                if warpers:
+                    warped = scaled
+                    for warp in warpers:
+                        warped = warp(None, warped)
+                    chosen = torch.multinomial(torch.softmax(warped, dim=-1), 1).squeeze(1)
+                    step_entropy = token_entropy(step_logps)
+                else:
+                    probs = step_logps.exp()
+                    chosen = sample_categorical(probs)
+                    step_entropy = -(probs * step_logps).sum(dim=-1)
+                record.append((active, chosen, step_logps.gather(1, chosen[:, None]).squeeze(1), step_entropy))
             if step == max_new - 1:
                 break
             keep = (~torch.isin(chosen, stops)).nonzero().squeeze(1)
