@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,7 +41,8 @@ def _recorded(per_token: list[list[float]] | None, batch: Batch, t: Tensors) -> 
     if per_token is None or any(len(r) != len(c) for r, c in zip(per_token, batch.completion_ids)):
         return None
     C = t.completion_width
-    return torch.tensor([r + [0.0] * (C - len(r)) for r in per_token], device=t.input_ids.device)
+    rows = np.array([r + [0.0] * (C - len(r)) for r in per_token], dtype=np.float32)  # torch.tensor(list): ~5x slower
+    return torch.from_numpy(rows).to(t.input_ids.device)
 
 
 class PolicyGradient:
