@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from rewardlab.generation.fused_step import FusedStep, fused_step_unsupported
@@ -59,16 +59,15 @@ def test_each_step_gives_the_transformers_forwards_logits(kind, dtype):
     ids = torch.tensor([[0] * (width - len(r)) + r for r in PROMPTS])
     attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in PROMPTS])
     positions = (attention.cumsum(1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True)
-    cache.batch_repeat_interleave(n)
     step = FusedStep(model)
-    step.start(cache, attention.repeat_interleave(n, dim=0), max_new=6)
+    tolerance = 2e-5 if dtype == torch.float32 else 0.1
+    got = step.prefill(ids, attention, n, max_new=6).float()
+    want = reference_logits(model, PROMPTS).repeat_interleave(n, dim=0)
+    assert (got - want).abs().max() <= tolerance * want.abs().max(), (kind, dtype, "prefill")
     rows = [list(r) for r in PROMPTS for _ in range(n)]
     live = list(range(len(rows)))
     position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
     generator = torch.Generator().manual_seed(1)
-    tolerance = 2e-5 if dtype == torch.float32 else 0.1
     for t in range(6):
         tokens = torch.randint(3, 97, (len(live),), generator=generator)
         for row, token in zip(live, tokens.tolist()):

@@ -6,8 +6,9 @@ transformers forward adds around them (module calls, building a 4D mask from the
 `torch.cat`, seven projections per layer) costs as much as the products themselves. Here each layer is four
 products (q/k/v and gate/up concatenated into one matrix each, built from the model's weights at the start of each
 `generate` call, since they change between updates), the keys and values live in a cache allocated once per chunk,
-and the padding mask is the 2D one. On the embedded model a step of 128 rows takes ~25% less time
-(BENCHMARKS.md, section 1). Prefill still goes through the transformers forward; its cache is copied in.
+and the padding mask is the 2D one; the prompts' prefill is the same layers over the padded prompts, writing
+each prompt's keys and values once per sample. On the embedded model a default decoding batch takes ~20% less
+time (BENCHMARKS.md, section 1).
 
 Same arithmetic as transformers' modeling_llama / modeling_qwen2 / modeling_mistral (RMSNorm in fp32, rotary
 embeddings from the model's own `rotary_emb` so every rope type it knows is honoured, softmax(q k^T * scaling) v
@@ -73,8 +74,8 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
 
 
 class FusedStep:
-    """Decoding state for one chunk: `start` copies the prefill cache in, `step` decodes one token for every live
-    row, `select` keeps some rows. Weights are read when constructed; build one per `generate` call."""
+    """Decoding state for one chunk: `prefill` runs the prompts and fills the cache, `step` decodes one token for
+    every live row, `select` keeps some rows. Weights are read when constructed; build one per `generate` call."""
 
     def __init__(self, model) -> None:
         self.model = model
@@ -94,36 +95,61 @@ class FusedStep:
                 attention.o_proj.weight, attention.o_proj.bias,
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
                 gate_up, gate_up_bias, mlp.down_proj.weight, mlp.down_proj.bias, mlp.gate_proj.out_features))
-        self.split = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
 
-    def start(self, cache, attention: torch.Tensor, max_new: int) -> None:
-        """Take over the keys and values of transformers' prefill `cache` (rows, kv heads, width, head dim) into
-        buffers with room for `max_new` more tokens; `attention` (rows, width) marks the real prompt tokens."""
-        rows, width = attention.shape
-        self.length = width
+    def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, n: int, max_new: int) -> torch.Tensor:
+        """Run the left-padded prompts `input_ids` (prompts, width) (`attention` marks their real tokens), keep
+        their keys and values `n` times each in a cache with room for `max_new` more tokens, and return the
+        logits (prompts * n, vocab) of each row's first token (rows grouped by prompt)."""
+        prompts, width = input_ids.shape
+        device, heads, kv, d = input_ids.device, self.heads, self.kv_heads, self.head_dim
         rotary = self.model.model.rotary_emb
         self.angles = None
         if getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope"):  # these depend on the length seen
             # cos and sin of every position the chunk can reach, once (the same values as one call per step)
-            table = torch.arange(width + max_new + 1, device=attention.device)[None]
+            table = torch.arange(width + max_new + 1, device=device)[None]
             cos, sin = rotary(self.layers[0][2].new_empty(()), table)
             self.angles = (cos[0], self._signed(sin[0]))
-        self.mask = torch.zeros((rows, width + max_new), dtype=torch.bool, device=attention.device)
-        self.mask[:, :width] = attention.bool()
-        self.keys, self.values = [], []
-        for layer in cache.layers:
-            keys = layer.keys.new_empty((rows, self.kv_heads, width + max_new, self.head_dim))
-            values = torch.empty_like(keys)
-            keys[:, :, :width] = layer.keys
-            values[:, :, :width] = layer.values
-            self.keys.append(keys)
-            self.values.append(values)
+        self.length = width
+        self.mask = torch.zeros((prompts * n, width + max_new), dtype=torch.bool, device=device)
+        self.mask[:, :width] = attention.bool().repeat_interleave(n, dim=0)
+        self.keys = [self.layers[0][2].new_empty((prompts * n, kv, width + max_new, d)) for _ in self.layers]
+        self.values = [torch.empty_like(k) for k in self.keys]
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+        causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+        # causal over the real tokens; a padding query sees itself (its output is never used)
+        allowed = (causal & attention.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
 
-    @staticmethod
-    def _signed(sin: torch.Tensor) -> torch.Tensor:
-        """rotate_half(x) * sin == (x's two halves swapped) * (sin with its first half negated)."""
-        half = sin.shape[-1] // 2
-        return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (prompts, kv heads, width, d)
+            self.keys[index][:, :, :width] = k.repeat_interleave(n, dim=0)
+            self.values[index][:, :, :width] = v.repeat_interleave(n, dim=0)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed[:, None],
+                                                 scale=self.scaling, enable_gqa=True)
+            return out.transpose(1, 2).reshape(prompts, width, heads * d)
+
+        hidden = F.embedding(input_ids, self.model.model.embed_tokens.weight)
+        hidden = self._layers(hidden, *self._angles(positions, hidden), attend)
+        return self._logits(hidden[:, -1]).repeat_interleave(n, dim=0)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, vocab) of the token after `tokens` (rows,), which sit at `positions` (rows, 1)."""
+        rows, slot, heads, kv, d = tokens.shape[0], self.length, self.heads, self.kv_heads, self.head_dim
+        self.mask[:, slot] = True
+        mask = self.mask[:, None, None, : slot + 1]
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = self.keys[index], self.values[index]
+            keys[:, :, slot] = k
+            values[:, :, slot] = v
+            # grouped heads: the query heads of one key/value head attend as that many query positions
+            out = _attend(q.view(rows, kv, heads // kv, d), keys[:, :, : slot + 1], values[:, :, : slot + 1], mask,
+                          self.scaling)
+            return out.reshape(rows, heads * d)
+
+        hidden = F.embedding(tokens, self.model.model.embed_tokens.weight)  # (rows, hidden)
+        hidden = self._layers(hidden, *self._angles(positions[:, 0], hidden), attend)
+        self.length += 1
+        return self._logits(hidden)
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only rows `keep` (indices into the live rows)."""
@@ -131,32 +157,38 @@ class FusedStep:
         self.keys = [k.index_select(0, keep) for k in self.keys]
         self.values = [v.index_select(0, keep) for v in self.values]
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits (rows, vocab) of the token after `tokens` (rows,), which sit at `positions` (rows, 1)."""
-        model, rows, slot, d = self.model, tokens.shape[0], self.length, self.head_dim
-        heads, kv, half = self.heads, self.kv_heads, self.head_dim // 2
-        hidden = F.embedding(tokens, model.model.embed_tokens.weight)  # (rows, hidden)
+    def _angles(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin (positions..., 1, head dim) of the rotary embedding at `positions`."""
         if self.angles is not None:
-            cos, sin = (F.embedding(positions, table) for table in self.angles)  # (rows, 1, head dim)
+            cos, sin = (F.embedding(positions, table) for table in self.angles)
         else:
-            cos, sin = model.model.rotary_emb(hidden, positions)
-            sin = self._signed(sin)
-        self.mask[:, slot] = True
-        mask = self.mask[:, None, None, : slot + 1]
-        for (norm1, eps1, qkv, qkv_bias, o, o_bias, norm2, eps2, gate_up, gate_up_bias, down, down_bias, inner), \
-                keys, values in zip(self.layers, self.keys, self.values):
-            projected = F.linear(_rms_norm(hidden, norm1, eps1), qkv, qkv_bias).view(rows, heads + 2 * kv, d)
-            qk = projected[:, : heads + kv]  # queries and keys take the rotary embedding together
-            qk = torch.addcmul(qk * cos, qk.view(rows, heads + kv, 2, half).flip(2).view(rows, heads + kv, d), sin)
-            keys[:, :, slot] = qk[:, heads:]
-            values[:, :, slot] = projected[:, heads + kv:]
-            # grouped heads: the query heads of one key/value head attend as that many query positions
-            attended = _attend(qk[:, :heads].view(rows, kv, heads // kv, d), keys[:, :, : slot + 1],
-                               values[:, :, : slot + 1], mask, self.scaling)
-            hidden = hidden + F.linear(attended.reshape(rows, heads * d), o, o_bias)
+            cos, sin = self.model.model.rotary_emb(like, positions.reshape(1, -1))
+            cos, sin = cos.view(*positions.shape, -1), self._signed(sin).view(*positions.shape, -1)
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+    @staticmethod
+    def _signed(sin: torch.Tensor) -> torch.Tensor:
+        """rotate_half(x) * sin == (x's two halves swapped) * (sin with its first half negated)."""
+        half = sin.shape[-1] // 2
+        return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+    def _layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers and final norm on `hidden` (..., hidden size). `attend(layer, q, k, v)` takes the
+        rotated queries (..., heads, d), keys and values (..., kv heads, d) and returns (..., heads * d)."""
+        lead, heads, kv, d = hidden.shape[:-1], self.heads, self.kv_heads, self.head_dim
+        half = d // 2
+        for index, (norm1, eps1, qkv, qkv_bias, o, o_bias, norm2, eps2, gate_up, gate_up_bias, down, down_bias,
+                    inner) in enumerate(self.layers):
+            projected = F.linear(_rms_norm(hidden, norm1, eps1), qkv, qkv_bias).view(*lead, heads + 2 * kv, d)
+            qk = projected[..., : heads + kv, :]  # queries and keys take the rotary embedding together
+            swapped = qk.view(*lead, heads + kv, 2, half).flip(-2).view(*lead, heads + kv, d)
+            qk = torch.addcmul(qk * cos, swapped, sin)
+            attended = attend(index, qk[..., :heads, :], qk[..., heads:, :], projected[..., heads + kv:, :])
+            hidden = hidden + F.linear(attended, o, o_bias)
             h = F.linear(_rms_norm(hidden, norm2, eps2), gate_up, gate_up_bias)
-            hidden = hidden + F.linear(F.silu(h[:, :inner]) * h[:, inner:], down, down_bias)
-        self.length += 1
-        final = model.model.norm
-        return F.linear(_rms_norm(hidden, final.weight, final.variance_epsilon), model.lm_head.weight,
-                        model.lm_head.bias)
+            hidden = hidden + F.linear(F.silu(h[..., :inner]) * h[..., inner:], down, down_bias)
+        final = self.model.model.norm
+        return _rms_norm(hidden, final.weight, final.variance_epsilon)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.model.lm_head.weight, self.model.lm_head.bias)

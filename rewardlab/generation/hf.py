@@ -196,19 +196,19 @@ class HFGenerator:
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in prompts], device=device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompts], device=device)
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
-        key = self._cache_argument(model)
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                       logits_to_keep=1, **{key: cache}).logits[:, -1]
-        cache.batch_repeat_interleave(n)
-        logits, attention = logits.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
-        next_position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
         rows = len(prompts) * n
         max_new = sampling.max_new_tokens
-        active = torch.arange(rows, device=device)
         if fused is not None:
-            fused.start(cache, attention, max_new)
-            del cache
+            logits = fused.prefill(input_ids, attention, n, max_new)
+        else:
+            cache = DynamicCache(config=model.config)
+            key = self._cache_argument(model)
+            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                           logits_to_keep=1, **{key: cache}).logits[:, -1].repeat_interleave(n, dim=0)
+            cache.batch_repeat_interleave(n)
+        attention = attention.repeat_interleave(n, dim=0)
+        next_position = positions[:, -1:].repeat_interleave(n, dim=0) + 1
+        active = torch.arange(rows, device=device)
         warpers = [] if greedy else [w for w in (
             TopKLogitsWarper(sampling.top_k) if sampling.top_k > 0 else None,
             TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1.0 else None) if w is not None]
