@@ -50,8 +50,10 @@ def reference_logits(model, rows: list[list[int]]) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["llama", "llama-bias", "qwen2", "mistral"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("concat", [True, False], ids=["concatenated", "apart"])
 @torch.inference_mode()
-def test_each_step_gives_the_transformers_forwards_logits(kind, dtype):
+def test_each_step_gives_the_transformers_forwards_logits(kind, dtype, concat):
+    """Prefill and steps; q/k/v and gate/up concatenated (small models) or projected apart (CONCAT_BYTES)."""
     model = build(kind, dtype)
     assert fused_step_unsupported(model) is None
     n = 2  # each prompt sampled twice, as the engine repeats the prefill cache
@@ -59,7 +61,8 @@ def test_each_step_gives_the_transformers_forwards_logits(kind, dtype):
     ids = torch.tensor([[0] * (width - len(r)) + r for r in PROMPTS])
     attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in PROMPTS])
     positions = (attention.cumsum(1) - 1).clamp(min=0)
-    step = FusedStep(model)
+    step = FusedStep(model, concat_bytes=1 << 30 if concat else 0)
+    assert step.fused == concat
     tolerance = 2e-5 if dtype == torch.float32 else 0.1
     got = step.prefill(ids, attention, n, max_new=6).float()
     want = reference_logits(model, PROMPTS).repeat_interleave(n, dim=0)

@@ -5,7 +5,9 @@ Why our own: a decoding step on a small model is a few dozen matrix products of 
 transformers forward adds around them (module calls, building a 4D mask from the 2D one, a cache that grows by
 `torch.cat`, seven projections per layer) costs as much as the products themselves. Here each layer is four
 products (q/k/v and gate/up concatenated into one matrix each, built from the model's weights at the start of each
-`generate` call, since they change between updates), the keys and values live in a cache allocated once per chunk,
+`generate` call, since they change between updates; a model whose copies would pass CONCAT_BYTES, 256 MiB, such
+as Qwen2.5-0.5B's 0.9 GB in fp32, keeps its seven products and makes no copy), the keys and values live in a cache
+allocated once per chunk,
 and the padding mask is the 2D one; the prompts' prefill is the same layers over the padded prompts, writing
 each prompt's keys and values once per sample. On the embedded model a default decoding batch takes ~20% less
 time (BENCHMARKS.md, section 1).
@@ -52,13 +54,25 @@ def fused_step_unsupported(model) -> str | None:
     return None
 
 
-def _concat(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([m.weight for m in linears])
-    biases = [m.bias for m in linears]
-    if all(b is None for b in biases):
-        return weight, None
-    return weight, torch.cat([b if b is not None else weight.new_zeros(m.out_features)
-                              for b, m in zip(biases, linears)])
+CONCAT_BYTES = 256 << 20  # concatenated q/k/v and gate/up copies up to this size in all; larger models project apart
+
+
+class _Projection:
+    """Several linear layers applied to one input, outputs side by side: one product over their weights
+    concatenated (`fused`; a copy of them), or one product each (the model's own tensors, no copy)."""
+
+    def __init__(self, linears: list[torch.nn.Linear], fused: bool) -> None:
+        self.parts = [(m.weight, m.bias) for m in linears]
+        if fused:
+            biases = [b if b is not None else m.weight.new_zeros(m.out_features) for m, (_, b) in
+                      zip(linears, self.parts)]
+            bias = torch.cat(biases) if any(m.bias is not None for m in linears) else None
+            self.parts = [(torch.cat([m.weight for m in linears]), bias)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return F.linear(x, *self.parts[0])
+        return torch.cat([F.linear(x, weight, bias) for weight, bias in self.parts], dim=-1)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,7 +91,7 @@ class FusedStep:
     """Decoding state for one chunk: `prefill` runs the prompts and fills the cache, `step` decodes one token for
     every live row, `select` keeps some rows. Weights are read when constructed; build one per `generate` call."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, concat_bytes: int = CONCAT_BYTES) -> None:
         self.model = model
         config = model.config
         first = model.model.layers[0].self_attn
@@ -85,16 +99,18 @@ class FusedStep:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.scaling = first.scaling
+        groups = [([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                   [layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in model.model.layers]
+        copies = sum(m.weight.numel() * m.weight.element_size() for qkv, gate_up in groups for m in qkv + gate_up)
+        self.fused = copies <= concat_bytes
         self.layers = []
-        for layer in model.model.layers:
+        for layer, (qkv, gate_up) in zip(model.model.layers, groups):
             attention, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_bias = _concat(attention.q_proj, attention.k_proj, attention.v_proj)
-            gate_up, gate_up_bias = _concat(mlp.gate_proj, mlp.up_proj)
             self.layers.append((
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, qkv, qkv_bias,
+                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, _Projection(qkv, self.fused),
                 attention.o_proj.weight, attention.o_proj.bias,
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                gate_up, gate_up_bias, mlp.down_proj.weight, mlp.down_proj.bias, mlp.gate_proj.out_features))
+                _Projection(gate_up, self.fused), mlp.down_proj.weight, mlp.down_proj.bias, mlp.gate_proj.out_features))
 
     def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, n: int, max_new: int) -> torch.Tensor:
         """Run the left-padded prompts `input_ids` (prompts, width) (`attention` marks their real tokens), keep
@@ -107,12 +123,12 @@ class FusedStep:
         if getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope"):  # these depend on the length seen
             # cos and sin of every position the chunk can reach, once (the same values as one call per step)
             table = torch.arange(width + max_new + 1, device=device)[None]
-            cos, sin = rotary(self.layers[0][2].new_empty(()), table)
+            cos, sin = rotary(self.model.model.embed_tokens.weight.new_empty(()), table)
             self.angles = (cos[0], self._signed(sin[0]))
         self.length = width
         self.mask = torch.zeros((prompts * n, width + max_new), dtype=torch.bool, device=device)
         self.mask[:, :width] = attention.bool().repeat_interleave(n, dim=0)
-        self.keys = [self.layers[0][2].new_empty((prompts * n, kv, width + max_new, d)) for _ in self.layers]
+        self.keys = [self.layers[0][3].new_empty((prompts * n, kv, width + max_new, d)) for _ in self.layers]
         self.values = [torch.empty_like(k) for k in self.keys]
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
         causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
@@ -177,15 +193,15 @@ class FusedStep:
         rotated queries (..., heads, d), keys and values (..., kv heads, d) and returns (..., heads * d)."""
         lead, heads, kv, d = hidden.shape[:-1], self.heads, self.kv_heads, self.head_dim
         half = d // 2
-        for index, (norm1, eps1, qkv, qkv_bias, o, o_bias, norm2, eps2, gate_up, gate_up_bias, down, down_bias,
-                    inner) in enumerate(self.layers):
-            projected = F.linear(_rms_norm(hidden, norm1, eps1), qkv, qkv_bias).view(*lead, heads + 2 * kv, d)
+        for index, (norm1, eps1, qkv, o, o_bias, norm2, eps2, gate_up, down, down_bias, inner) in \
+                enumerate(self.layers):
+            projected = qkv(_rms_norm(hidden, norm1, eps1)).view(*lead, heads + 2 * kv, d)
             qk = projected[..., : heads + kv, :]  # queries and keys take the rotary embedding together
             swapped = qk.view(*lead, heads + kv, 2, half).flip(-2).view(*lead, heads + kv, d)
             qk = torch.addcmul(qk * cos, swapped, sin)
             attended = attend(index, qk[..., :heads, :], qk[..., heads:, :], projected[..., heads + kv:, :])
             hidden = hidden + F.linear(attended, o, o_bias)
-            h = F.linear(_rms_norm(hidden, norm2, eps2), gate_up, gate_up_bias)
+            h = gate_up(_rms_norm(hidden, norm2, eps2))
             hidden = hidden + F.linear(F.silu(h[..., :inner]) * h[..., inner:], down, down_bias)
         final = self.model.model.norm
         return _rms_norm(hidden, final.weight, final.variance_epsilon)
