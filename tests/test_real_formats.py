@@ -47,10 +47,10 @@ def policy_batch(policy, completions=(COMPLETION,), question=QUESTION, reference
 
 
 def model_inputs(model) -> list[torch.Tensor]:
-    """Every input_ids tensor the model's forward receives from now on."""
+    """Every input_ids tensor the model's input embeddings receive from now on (the model's forward and the
+    native engine's own prefill and steps, generation/fused_step.py, both go through them)."""
     seen: list[torch.Tensor] = []
-    model.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(kwargs.get("input_ids", args[0] if args
-                                                                                     else None)), with_kwargs=True)
+    model.get_input_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     return seen
 
 

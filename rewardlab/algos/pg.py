@@ -335,8 +335,11 @@ class PolicyGradient:
 
     @torch.no_grad()
     def _ref_logprobs(self, policy, t: Tensors) -> torch.Tensor:
+        """The reference's log-probs, through the pass the policy's forward takes (padded where FSDP shards the
+        policy, as its sharded head cannot be packed): where the two models are equal, as at the first step, the
+        KL term and its gradient are then exactly 0, not rounding that AdamW would turn into a full-size step."""
         with policy.reference() as reference, policy.full_weights(reference):
-            return self._forward_logprobs(reference, t)
+            return self._forward_logprobs(reference, t, packed=self.cfg.padding_free and not is_sharded(policy.model))
 
     def _micro_rows(self, t: Tensors) -> int:
         """Rows per forward pass: `micro_batch_size`, fewer when `micro_batch_tokens` caps padded tokens."""
@@ -344,11 +347,12 @@ class PolicyGradient:
             return max(1, min(self.cfg.micro_batch_size, self.cfg.micro_batch_tokens // t.input_ids.shape[1]))
         return self.cfg.micro_batch_size
 
-    def _forward_logprobs(self, model, t: Tensors) -> torch.Tensor:
+    def _forward_logprobs(self, model, t: Tensors, packed: bool | None = None) -> torch.Tensor:
         was_training = model.training
         model.eval()
         size = self._micro_rows(t)
-        chunks = [token_logprobs(model, t, slice(s, s + size), self.temperature, packed=self.cfg.padding_free)[0]
+        packed = self.cfg.padding_free if packed is None else packed
+        chunks = [token_logprobs(model, t, slice(s, s + size), self.temperature, packed=packed)[0]
                   for s in range(0, t.input_ids.shape[0], size)]
         model.train(was_training)
         return torch.cat(chunks)

@@ -16,8 +16,10 @@ Same arithmetic as transformers' modeling_llama / modeling_qwen2 / modeling_mist
 embeddings from the model's own `rotary_emb` so every rope type it knows is honoured, softmax(q k^T * scaling) v
 with grouped key/value heads, SiLU-gated MLP): `tests/test_fused_step.py` checks the logits against the
 transformers forward on the same inputs, fp32 and bf16, with and without biases, and that greedy decoding gives the
-same tokens. Anything else (another family, a PEFT wrapper, FSDP/DeepSpeed-partitioned or quantized weights, a
-sliding window) decodes with the transformers forward: `fused_step_unsupported` says why.
+same tokens. FSDP and ZeRO-3 policies decode with it inside `policy.full_weights()`, where their weights are whole
+(so sharded and data-parallel runs sample alike). Anything else (another family, a PEFT wrapper, weights still
+sharded, quantized weights, a sliding window) decodes with the transformers forward: `fused_step_unsupported`
+says why.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 def fused_step_unsupported(model) -> str | None:
     """Why `model` cannot decode with `FusedStep` (None when it can)."""
-    name = type(model).__name__
+    # FSDP2 (`fully_shard`) makes a subclass of the model's class (FSDPLlamaForCausalLM): the family is in the MRO
+    name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in FAMILIES), type(model).__name__)
     if name not in FAMILIES:
         return f"{name} is not one of {', '.join(FAMILIES)}"
     config = model.config
@@ -39,8 +42,11 @@ def fused_step_unsupported(model) -> str | None:
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()) or (
             name == "MistralForCausalLM" and getattr(config, "sliding_window", None)):
         return "a sliding attention window"
-    if any(hasattr(p, "ds_id") or type(p.data) is not torch.Tensor for p in model.parameters()):
-        return "partitioned weights (DeepSpeed or DTensor)"
+    # whole weights only: FSDP2's unsharded parameters are plain tensors, sharded ones DTensors; a ZeRO-3 parameter
+    # gathered for generation holds all its `ds_numel` elements, a partitioned one none
+    if any(type(p.data) is not torch.Tensor or p.numel() != getattr(p, "ds_numel", p.numel())
+           for p in model.parameters()):
+        return "partitioned weights (FSDP or ZeRO-3 shards not gathered)"
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
         linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
@@ -143,7 +149,7 @@ class FusedStep:
                                                  scale=self.scaling, enable_gqa=True)
             return out.transpose(1, 2).reshape(prompts, width, heads * d)
 
-        hidden = F.embedding(input_ids, self.model.model.embed_tokens.weight)
+        hidden = self.model.get_input_embeddings()(input_ids)
         hidden = self._layers(hidden, *self._angles(positions, hidden), attend)
         return self._logits(hidden[:, -1]).repeat_interleave(n, dim=0)
 
@@ -162,7 +168,7 @@ class FusedStep:
                           self.scaling)
             return out.reshape(rows, heads * d)
 
-        hidden = F.embedding(tokens, self.model.model.embed_tokens.weight)  # (rows, hidden)
+        hidden = self.model.get_input_embeddings()(tokens)  # (rows, hidden)
         hidden = self._layers(hidden, *self._angles(positions[:, 0], hidden), attend)
         self.length += 1
         return self._logits(hidden)
