@@ -163,6 +163,8 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
     distributed.broadcast_parameters(dist, policy.model)  # LoRA adapters start the same on every rank
     task.prepare(policy.tokenizer)
     generator = instantiate(cfg.generation, policy=policy)
+    if hasattr(generator, "describe"):
+        console.print(generator.describe())
     reward.bind(policy)
     logger = instantiate(cfg.logger) if dist.is_main else NullLogger()
 

@@ -129,3 +129,13 @@ def test_models_it_cannot_take_are_refused_with_the_reason():
     lora = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert fused_step_unsupported(lora) is not None
     assert "nn.Linear" in fused_step_unsupported(lora.base_model.model)
+
+
+def test_the_run_log_says_how_it_decodes():
+    """`HFGenerator.describe` (printed by `train` after the generator is built): the path taken, or why not."""
+    policy = _Policy(build("qwen2"))
+    assert "own prefill and step" in HFGenerator(policy).describe()
+    assert "generation.fused_step=false" in HFGenerator(policy, fused_step=False).describe()
+    assert "model.generate" in HFGenerator(policy, engine="generate").describe()
+    windowed = _Policy(MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=8)))
+    assert "the model's forward at each step (a sliding attention window)" in HFGenerator(windowed).describe()

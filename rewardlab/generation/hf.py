@@ -9,9 +9,9 @@ that have emitted EOS leave the batch (their cache rows are dropped), so no comp
 rows or duplicate prompts. `generate` calls transformers' `model.generate`, which keeps finished rows
 in the batch and prefills every copy of a prompt; it is kept for models whose cache cannot drop rows.
 On the embedded task `native` is ~25% faster (BENCHMARKS.md) and greedy outputs are identical. For the
-Llama family (`fused_step.py`: Llama, Qwen2, Mistral with plain weights) `native` takes each step after the
-prefill with its own few tensor operations instead of the model's forward (`fused_step`, default on; the same
-logits to rounding, tested against the forward).
+Llama family (`fused_step.py`: Llama, Qwen2, Mistral with plain weights) `native` runs the prefill and each step
+with its own few tensor operations instead of the model's forward (`fused_step`, default on; the same logits to
+rounding, tested against the forward). Without top-k/top-p it samples by the inverse CDF (`sample_categorical`).
 
 Sampling follows transformers' warpers (temperature, then top-k, then top-p). The log-probs recorded
 are under the temperature-scaled distribution, the same quantity the policy-gradient loss recomputes
@@ -137,6 +137,15 @@ class HFGenerator:
 
     def sync(self, policy) -> None:
         self.policy = policy
+
+    def describe(self) -> str:
+        """How this generator decodes, for the run's log."""
+        if self.engine == "generate":
+            return "decoding: transformers' model.generate"
+        refused = fused_step_unsupported(self.policy.model) if self.fused_step else "generation.fused_step=false"
+        if refused is None:
+            return "decoding: native engine, rewardlab's own prefill and step (generation/fused_step.py)"
+        return f"decoding: native engine, the model's forward at each step ({refused})"
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Example], n: int = 1, sampling: Sampling | None = None,
