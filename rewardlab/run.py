@@ -163,8 +163,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
     distributed.broadcast_parameters(dist, policy.model)  # LoRA adapters start the same on every rank
     task.prepare(policy.tokenizer)
     generator = instantiate(cfg.generation, policy=policy)
-    if hasattr(generator, "describe"):
-        console.print(generator.describe())
+    decoding = generator.describe() if hasattr(generator, "describe") else type(generator).__name__  # summary.json
     reward.bind(policy)
     logger = instantiate(cfg.logger) if dist.is_main else NullLogger()
 
@@ -282,7 +281,7 @@ def _train(cfg: DictConfig, run_dir: Path, guard: PreemptionGuard, launch: Launc
                 checkpoints.write_final(policy)
     finally:
         extra = {"run_dir": str(run_dir), "world_size": dist.world_size,
-                 "sharding": sharded.name if sharded is not None else "none"}
+                 "sharding": sharded.name if sharded is not None else "none", "decoding": decoding}
         if dist.active:
             with policy.full_weights():  # ZeRO-3 / FSDP: every rank sees the whole weights
                 extra["rank_param_sha256"] = distributed.gather_to_main(dist, distributed.param_digest(policy.model))

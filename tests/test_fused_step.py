@@ -131,8 +131,18 @@ def test_models_it_cannot_take_are_refused_with_the_reason():
     assert "nn.Linear" in fused_step_unsupported(lora.base_model.model)
 
 
-def test_the_run_log_says_how_it_decodes():
-    """`HFGenerator.describe` (printed by `train` after the generator is built): the path taken, or why not."""
+def test_the_run_summary_says_how_it_decodes(tmp_path):
+    """`HFGenerator.describe` (summary.json's `decoding`): the path taken, or why not."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rewardlab", "train", "run.iterations=1", "run.eval_size=2",
+                          "run.prompts_per_iteration=2", "logger=none", f"hydra.run.dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["decoding"] == "decoding: native engine, rewardlab's own prefill and step (generation/fused_step.py)"
     policy = _Policy(build("qwen2"))
     assert "own prefill and step" in HFGenerator(policy).describe()
     assert "generation.fused_step=false" in HFGenerator(policy, fused_step=False).describe()
