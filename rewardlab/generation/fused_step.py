@@ -70,9 +70,10 @@ class _Projection:
     def __init__(self, linears: list[torch.nn.Linear], fused: bool) -> None:
         self.parts = [(m.weight, m.bias) for m in linears]
         if fused:
-            biases = [b if b is not None else m.weight.new_zeros(m.out_features) for m, (_, b) in
-                      zip(linears, self.parts)]
-            bias = torch.cat(biases) if any(m.bias is not None for m in linears) else None
+            bias = None
+            if any(m.bias is not None for m in linears):  # a layer without one adds zeros
+                bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                  for m in linears])
             self.parts = [(torch.cat([m.weight for m in linears]), bias)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,10 +88,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
         return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
 class FusedStep:
@@ -164,8 +161,8 @@ class FusedStep:
             keys[:, :, slot] = k
             values[:, :, slot] = v
             # grouped heads: the query heads of one key/value head attend as that many query positions
-            out = _attend(q.view(rows, kv, heads // kv, d), keys[:, :, : slot + 1], values[:, :, : slot + 1], mask,
-                          self.scaling)
+            out = F.scaled_dot_product_attention(q.view(rows, kv, heads // kv, d), keys[:, :, : slot + 1],
+                                                 values[:, :, : slot + 1], attn_mask=mask, scale=self.scaling)
             return out.reshape(rows, heads * d)
 
         hidden = self.model.get_input_embeddings()(tokens)  # (rows, hidden)
