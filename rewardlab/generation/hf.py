@@ -221,13 +221,22 @@ class HFGenerator:
         warpers = [] if greedy else [w for w in (
             TopKLogitsWarper(sampling.top_k) if sampling.top_k > 0 else None,
             TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1.0 else None) if w is not None]
-        # per step: the live rows, their tokens (and log-probs, entropies); written into (rows, steps) at the end
-        record: list[tuple[torch.Tensor, ...]] = []
+        # step s's live rows, their tokens (and log-probs, entropies) go to row s of buffers allocated once, then
+        # into (rows, steps) at the end. Not a list of each step's small tensors: allocated between the steps' large
+        # temporaries (logits over the vocabulary), they pin glibc's heap, which then grows by about the
+        # temporaries' size every step (~8 GB over 256 steps at Qwen2.5-0.5B's vocabulary, bench/real_shape.py)
+        live = torch.empty((max_new, rows), dtype=torch.long, device=device)
+        sampled = torch.empty_like(live)
+        chosen_logps, entropies = torch.empty((2, max_new, rows), device=device)
+        counts: list[int] = []
         for step in range(max_new):
             scaled = logits.float()
+            n_live = len(active)
+            counts.append(n_live)
+            live[step, :n_live] = active
             if greedy:
                 chosen = scaled.argmax(dim=-1)
-                record.append((active, chosen))
+                sampled[step, :n_live] = chosen
             else:
                 if sampling.temperature != 1.0:
                     scaled = scaled / sampling.temperature
@@ -242,7 +251,9 @@ class HFGenerator:
                     probs = step_logps.exp()
                     chosen = sample_categorical(probs)
                     step_entropy = -(probs * step_logps).sum(dim=-1)
-                record.append((active, chosen, step_logps.gather(1, chosen[:, None]).squeeze(1), step_entropy))
+                sampled[step, :n_live] = chosen
+                chosen_logps[step, :n_live] = step_logps.gather(1, chosen[:, None]).squeeze(1)
+                entropies[step, :n_live] = step_entropy
             if step == max_new - 1:
                 break
             keep = (~torch.isin(chosen, stops)).nonzero().squeeze(1)
@@ -261,17 +272,18 @@ class HFGenerator:
                 logits = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=next_position,
                                use_cache=True, **{key: cache}).logits[:, -1]
             next_position = next_position + 1
-        where = torch.cat([r[0] for r in record])
-        column = torch.repeat_interleave(torch.arange(len(record), device=device),
-                                         torch.tensor([len(r[0]) for r in record], device=device))
+        steps = len(counts)
+        valid = torch.arange(rows, device=device)[None] < torch.tensor(counts, device=device)[:, None]  # (steps, rows)
+        where = live[:steps][valid]
+        column = torch.arange(steps, device=device)[:, None].expand(steps, rows)[valid]
         lengths = torch.bincount(where, minlength=rows)
         tokens = torch.full((rows, max_new), pad, dtype=torch.long, device=device)
-        tokens[where, column] = torch.cat([r[1] for r in record])
+        tokens[where, column] = sampled[:steps][valid]
         if greedy:
             return _rows(tokens, lengths), [[] for _ in lengths], [[] for _ in lengths]
         logps, entropy = torch.zeros((2, rows, max_new), device=device)
-        logps[where, column] = torch.cat([r[2] for r in record])
-        entropy[where, column] = torch.cat([r[3] for r in record])
+        logps[where, column] = chosen_logps[:steps][valid]
+        entropy[where, column] = entropies[:steps][valid]
         return _rows(tokens, lengths), _rows(logps, lengths), _rows(entropy, lengths)
 
     def _generate_chunk(self, chunk: list[list[int]], sampling: Sampling, greedy: bool):
