@@ -156,8 +156,9 @@ def _resident_mb() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["own-step", "model-forward"])
-def test_decoding_memory_does_not_grow_with_the_steps(fused, monkeypatch):
+@pytest.mark.parametrize("engine,fused", [("native", True), ("native", False), ("generate", False)],
+                         ids=["own-step", "model-forward", "model.generate"])
+def test_decoding_memory_does_not_grow_with_the_steps(engine, fused, monkeypatch):
     """At a real vocabulary each step's temporaries are tens of MB (32 rows x 150,000 logits: 19 MB a copy). A
     per-step record of small tensors allocated between them pinned glibc's heap, which then grew by about that
     much every step (8 GB over 256 steps at the 0.5B shape). Resident memory from step 8 to step 80 must stay
@@ -169,16 +170,17 @@ def test_decoding_memory_does_not_grow_with_the_steps(fused, monkeypatch):
     model = LlamaForCausalLM(LlamaConfig(**{**SHAPE, "vocab_size": 150_000, "hidden_size": 16, "intermediate_size": 32,
                                             "num_hidden_layers": 1, "num_attention_heads": 2})).eval()
     seen: list[float] = []
-    sample = hf.sample_categorical
-
-    def sample_and_measure(probs):
-        seen.append(_resident_mb())
-        return sample(probs)
-
-    monkeypatch.setattr(hf, "sample_categorical", sample_and_measure)
+    if engine == "native":  # called once per step
+        sample = hf.sample_categorical
+        monkeypatch.setattr(hf, "sample_categorical", lambda probs: (seen.append(_resident_mb()), sample(probs))[1])
+    else:
+        record = hf._LogprobRecorder.__call__
+        monkeypatch.setattr(hf._LogprobRecorder, "__call__",
+                            lambda self, ids, scores: (seen.append(_resident_mb()), record(self, ids, scores))[1])
     monkeypatch.setattr(hf, "stop_token_ids", lambda *_: [-1])  # no row stops: every step has all 32 rows
     prompts = [Example(id=str(i), prompt=p, answer="") for i, p in enumerate(["1+2=", "33*4=", "a", "xyz"])]
-    batch = HFGenerator(_Policy(model), sampling={"max_new_tokens": 80}, fused_step=fused).generate(prompts, n=8)
+    batch = HFGenerator(_Policy(model), sampling={"max_new_tokens": 80}, engine=engine,
+                        fused_step=fused).generate(prompts, n=8)
     assert len(seen) == 80 and all(len(c) == 80 for c in batch.completion_ids)
     growth = max(seen[8:]) - seen[8]
     assert growth < 250, f"resident memory grew {growth:.0f} MB over 72 decoding steps"
