@@ -88,25 +88,32 @@ def _rows(values: torch.Tensor, lengths: torch.Tensor) -> list[list]:
 
 class _LogprobRecorder(LogitsProcessor):
     """Records, at every step of `model.generate`, the sampled token's log-prob and the entropy of the
-    temperature-scaled next-token distribution (the quantities the update's forward pass computes)."""
+    temperature-scaled next-token distribution (the quantities the update's forward pass computes). Each step's
+    values go into (steps, rows) buffers allocated at the first step, not a list of small per-step tensors:
+    allocated between the steps' vocabulary-sized temporaries, those pin glibc's heap, which then grows by about
+    a temporary's size every step (as the native loop's records did, `HFGenerator._decode_chunk`)."""
 
-    def __init__(self, temperature: float) -> None:
+    def __init__(self, temperature: float, max_new_tokens: int) -> None:
         self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
         self.previous: torch.Tensor | None = None
-        self.taken: list[torch.Tensor] = []
-        self.entropy: list[torch.Tensor] = []
+        self.steps = 0
+        self.taken = self.entropy = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.taken is None:
+            self.taken, self.entropy = scores.new_empty((2, self.max_new_tokens, scores.shape[0]), dtype=torch.float32)
         if self.previous is not None:
-            self.taken.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+            self.taken[self.steps - 1] = self.previous.gather(1, input_ids[:, -1:]).squeeze(1)
         self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        self.entropy.append(token_entropy(self.previous))
+        self.entropy[self.steps] = token_entropy(self.previous)
+        self.steps += 1
         return scores
 
     def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, steps) log-probs of the generated tokens and (rows, steps) entropies."""
-        self.taken.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
-        return torch.stack(self.taken, dim=1), torch.stack(self.entropy, dim=1)
+        self.taken[self.steps - 1] = self.previous.gather(1, last_tokens[:, None]).squeeze(1)
+        return self.taken[: self.steps].T, self.entropy[: self.steps].T
 
 
 @contextlib.contextmanager
@@ -293,7 +300,7 @@ class HFGenerator:
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=device)
         stops = stop_token_ids(model, tokenizer)
-        recorder = None if greedy else _LogprobRecorder(sampling.temperature)
+        recorder = None if greedy else _LogprobRecorder(sampling.temperature, sampling.max_new_tokens)
         kwargs = dict(do_sample=False) if greedy else dict(
             do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
             logits_processor=LogitsProcessorList([recorder]))
