@@ -254,3 +254,88 @@ def test_rows_with_zero_advantage_go_through_the_backward_when_the_kl_term_is_on
     monkeypatch.setattr(Policy, "load_fresh", lambda self: copy.deepcopy(small_policy.model))
     assert trained_copy(small_policy, batch, beta=0.1)[2]["update/skipped_rows"] == 0.0
     small_policy._reference = None
+
+
+def repeated_batch(policy):
+    """Two groups of four whose samples repeat one another, as a group's samples often do; in the second group
+    the copies of "7" got different rewards (a sampled judge), so copies keep their own advantages."""
+    return make_batch(policy, ["1+2"] * 4 + ["3+4"] * 4,
+                      ["1+2=3", "1+2=3", "1+2=4", "1+2=3", "7", "3+4=7", "7", "7"],
+                      rewards=[1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("minibatch", [0, 4])
+@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("loss_agg", ["sequence_mean", "token_mean"])
+def test_repeated_rollouts_go_through_the_model_once_and_nothing_changes(small_policy, monkeypatch, minibatch,
+                                                                         padding_free, loss_agg):
+    """Rows that are the same rollout take one row of the forward/backward (`algo.unique_rows`, default): the
+    old log-probs' pass and every optimizer step's pass see each distinct rollout once, and every optimizer
+    step's gradients (at lr 0, so each step sees the same weights), the update's metrics and the weights after
+    an update at lr 1e-2 equal one pass per row to rounding."""
+    from rewardlab.algos import losses
+
+    batch = repeated_batch(small_policy)
+    settings = dict(minibatch_size=minibatch, num_iterations=2, padding_free=padding_free, loss_agg=loss_agg)
+    passes, real = [], losses.token_logprobs
+
+    def counting(model, t, rows, *args, **kwargs):
+        if not kwargs.get("unique", True):
+            passes.append(len(torch.arange(t.input_ids.shape[0])[rows]))
+        return real(model, t, rows, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "token_logprobs", counting)
+    _, full_grads, full_out = trained_copy(small_policy, batch, unique_rows=False, lr=0.0, **settings)
+    assert passes == []  # with unique_rows=false every pass takes every row (no call with unique=False)
+    _, once_grads, once_out = trained_copy(small_policy, batch, lr=0.0, **settings)
+    # the old log-probs' pass: the 4 distinct rollouts of 8; then 2 iterations of the whole batch (4 each) or
+    # of 2 minibatches of one group each (2 of the group's 4)
+    assert passes == {0: [4, 4, 4], 4: [4] + [2] * 4}[minibatch]
+    assert len(once_grads) == len(full_grads) == {0: 2, 4: 4}[minibatch]
+    for ours, theirs in zip(once_grads, full_grads):
+        for name in ours:
+            assert torch.allclose(ours[name], theirs[name], atol=1e-7, rtol=1e-5), name
+    for key in ("loss", "entropy", "clip_fraction", "grad_norm", "update/steps", "advantage/abs_mean"):
+        assert once_out[key] == pytest.approx(full_out[key], rel=1e-5, abs=1e-7), key
+    full = trained_copy(small_policy, batch, unique_rows=False, lr=1e-2, **settings)[0]
+    once = trained_copy(small_policy, batch, lr=1e-2, **settings)[0]
+    for name in full:  # a wrong or missing step moves weights by ~lr = 1e-2; AdamW's first steps divide each
+        # gradient by its own size, so rounding on gradients of ~1e-8 moves a few weights by up to ~7e-6
+        assert torch.allclose(full[name], once[name], atol=3e-5, rtol=0.0), name
+    assert all((once[n] - p).abs().max() > 1e-3 for n, p in small_policy.model.named_parameters())
+
+
+def test_repeated_rows_share_one_pass_only_where_the_forward_is_deterministic(small_policy):
+    """`token_logprobs` gives each copy of a row the log-probs, entropy and gradient of its own pass, and
+    under active dropout (copies would draw different masks) runs every row."""
+    from rewardlab.algos.losses import distinct_rows, to_tensors, token_logprobs
+
+    batch = repeated_batch(small_policy)
+    t = to_tensors(batch, small_policy.tokenizer.pad_token_id, torch.device("cpu"))
+    first, copies = distinct_rows(t, slice(None))
+    assert first.tolist() == [0, 2, 4, 5] and copies.tolist() == [0, 0, 1, 0, 2, 3, 2, 2]
+    assert distinct_rows(t, torch.tensor([2, 5, 0])) is None
+    model = copy.deepcopy(small_policy.model).train()
+    weights = torch.rand(t.completion_mask.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for unique in (True, False):
+        model.zero_grad()
+        logps, entropy = token_logprobs(model, t, slice(None), 1.0, with_entropy=True, unique=unique)
+        (logps * weights * t.completion_mask).sum().backward()
+        results.append((logps.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, ea, ga), (b, eb, gb) = results
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ea, eb, atol=1e-6)
+    for name in ga:  # to rounding: ~2e-7 of each gradient's largest entry on an AMD EPYC
+        assert (ga[name] - gb[name]).abs().max() <= 1e-5 * gb[name].abs().max(), name
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    try:
+        token_logprobs(model, t, slice(None), 1.0)
+        model.config.attention_dropout = 0.1
+        token_logprobs(model, t, slice(None), 1.0)
+        model.eval()
+        token_logprobs(model, t, slice(None), 1.0)
+    finally:
+        handle.remove()
+        model.config.attention_dropout = 0.0
+    assert seen == [4, 8, 4]  # distinct rows once; every row under dropout; once again in eval mode

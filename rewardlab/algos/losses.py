@@ -255,14 +255,61 @@ def fused_head(model, temperature: float):
     return inner if patched == temperature else None
 
 
+def distinct_rows(t: Tensors, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Where some of `rows` are the same rollout (the same prompt and completion tokens, so the same padded
+    row), `(first, copies)`: the batch indices of each distinct row at its first occurrence, in the order of
+    `rows`, and for each of `rows` the position of its row in `first`; None where every row is distinct."""
+    index = torch.arange(t.input_ids.shape[0], device=t.input_ids.device)[rows]
+    keys = torch.cat([t.input_ids[index], t.attention_mask[index]], dim=1)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    if len(unique) == len(index):
+        return None
+    order = torch.arange(len(index), device=index.device)
+    first = torch.full((len(unique),), len(index), device=index.device).scatter_reduce_(0, inverse, order, "amin")
+    kept = first.argsort()  # distinct rows in the order they first occur, so prompts stay grouped as in `rows`
+    rank = torch.empty_like(kept)
+    rank[kept] = torch.arange(len(kept), device=index.device)
+    return index[first[kept]], rank[inverse]
+
+
+def _stochastic(model) -> bool:
+    """Whether `model`'s forward is random (dropout active in training mode): then copies of a row would get
+    different masks, and one pass for all of them is not the same computation."""
+    if not model.training:
+        return False
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(_inner(model), "config", None)
+
+    def active(settings: dict) -> bool:  # e.g. Llama's attention_dropout, GPT-2's resid_pdrop; nested configs too
+        return any(active(v) if isinstance(v, dict) else
+                   isinstance(v, float) and v > 0 and (k.endswith("dropout") or k.endswith("pdrop"))
+                   for k, v in settings.items())
+
+    return config is not None and active(config.to_dict())
+
+
 def token_logprobs(model, t: Tensors, rows: torch.Tensor | slice, temperature: float,
-                   with_entropy: bool = False, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   with_entropy: bool = False, packed: bool = False, unique: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (n, C) of the completion tokens under `model`, and optionally per-token entropy. At a
     large vocabulary through TRL's fused head (`fused_head`, CUDA) or `HeadLogSoftmax` (`chunked_head`,
     elsewhere): no (n, C + 1, V) logits in either pass. Otherwise the model returns logits for the last C + 1
     positions only, and the only (n, C + 1, V) tensors are those logits (kept for backward) and, in backward,
     their gradient. `packed`: the rows go through the model packed without padding where the model allows it
-    (`packing.packable`; equal results to rounding, fewer tokens)."""
+    (`packing.packable`; equal results to rounding, fewer tokens).
+
+    `unique`: rows that are the same rollout (a group's samples often repeat one another: on the default run
+    54% of the tokens of the rows that take the backward) go through the model once and their log-probs are
+    copied to each (`distinct_rows`): the model's outputs for equal inputs are equal, and the backward of the
+    copy sums the copies' gradients, so log-probs, entropy and gradients equal one pass per row to rounding,
+    while each row keeps its own old log-probs, advantages and weights in the loss. Not where dropout is active."""
+    if unique:
+        distinct = distinct_rows(t, rows)
+        if distinct is not None and not _stochastic(model):
+            first, copies = distinct
+            logps, entropy = token_logprobs(model, t, first, temperature, with_entropy, packed, unique=False)
+            return logps[copies], None if entropy is None else entropy[copies]
     C = t.completion_width
     ids, attention, positions = t.input_ids[rows], t.attention_mask[rows], t.position_ids[rows]
     inner = _inner(model)

@@ -289,7 +289,7 @@ class PolicyGradient:
             m = mask[micro]
             with no_sync(model, last=index == padded - 1):  # DDP all-reduces on the last micro-batch only
                 logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=measure_entropy,
-                                                 packed=cfg.padding_free)
+                                                 packed=cfg.padding_free, unique=cfg.unique_rows)
                 old_logps = logps.detach() if old is None else old[micro]
                 token_loss, stats = clipped_loss(logps, old_logps, adv[micro], m, cfg.eps_low, cfg.eps_high,
                                                  self.kl_loss_coef, None if ref is None else ref[micro])
@@ -323,7 +323,7 @@ class PolicyGradient:
         for start in range(0, len(rows), size):
             part = rows[start : start + size]
             _, entropy = token_logprobs(self._model, t, part, self.temperature, with_entropy=True,
-                                        packed=self.cfg.padding_free)
+                                        packed=self.cfg.padding_free, unique=self.cfg.unique_rows)
             total += float((entropy * mask[part]).sum())
         return total
 
@@ -352,7 +352,8 @@ class PolicyGradient:
         model.eval()
         size = self._micro_rows(t)
         packed = self.cfg.padding_free if packed is None else packed
-        chunks = [token_logprobs(model, t, slice(s, s + size), self.temperature, packed=packed)[0]
+        chunks = [token_logprobs(model, t, slice(s, s + size), self.temperature, packed=packed,
+                                 unique=self.cfg.unique_rows)[0]
                   for s in range(0, t.input_ids.shape[0], size)]
         model.train(was_training)
         return torch.cat(chunks)

@@ -41,6 +41,7 @@ class PGConfig:
     micro_batch_tokens: int = 0  # cap on padded tokens per forward/backward (fewer rows for long ones); 0: none
     padding_free: bool = True  # pack each micro-batch's rows without padding where the model allows (algos/packing.py)
     skip_zero_advantage: bool = True  # rows whose advantage is 0 at every token skip the backward when beta=0 (exact)
+    unique_rows: bool = True  # rollouts repeated in a pass (same prompt and completion) go through the model once (exact)
     loss_agg: str = "sequence_mean"  # sequence_mean | token_mean | constant
     max_grad_norm: float = 1.0
     lr_schedule: str = "constant"  # constant | linear | cosine (over run.iterations)
