@@ -70,6 +70,8 @@ def batch_metrics(batch: Batch) -> dict[str, float]:
             out["gold/accuracy"] = sum(golds) / len(golds)
     groups = list(batch.groups().values())
     out["groups/zero_variance"] = sum(len({batch.reward[i] for i in g}) == 1 for g in groups) / len(groups)
+    # rollouts that repeat an earlier sample of their prompt token for token (the update runs each once)
+    out["groups/repeated"] = sum(len(g) - len({tuple(batch.completion_ids[i]) for i in g}) for g in groups) / len(batch)
     return out
 
 
