@@ -297,6 +297,8 @@ def test_repeated_rollouts_go_through_the_model_once_and_nothing_changes(small_p
             assert torch.allclose(ours[name], theirs[name], atol=1e-7, rtol=1e-5), name
     for key in ("loss", "entropy", "clip_fraction", "grad_norm", "update/steps", "advantage/abs_mean"):
         assert once_out[key] == pytest.approx(full_out[key], rel=1e-5, abs=1e-7), key
+    # each optimizer step's pass: half its rows took a copy's log-probs (logged), none with the setting off
+    assert once_out["update/repeated_rows"] == 0.5 and full_out["update/repeated_rows"] == 0.0
     full = trained_copy(small_policy, batch, unique_rows=False, lr=1e-2, **settings)[0]
     once = trained_copy(small_policy, batch, lr=1e-2, **settings)[0]
     for name in full:  # a wrong or missing step moves weights by ~lr = 1e-2; AdamW's first steps divide each
@@ -329,13 +331,15 @@ def test_repeated_rows_share_one_pass_only_where_the_forward_is_deterministic(sm
         assert (ga[name] - gb[name]).abs().max() <= 1e-5 * gb[name].abs().max(), name
     seen = []
     handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    counts = []
     try:
-        token_logprobs(model, t, slice(None), 1.0)
-        model.config.attention_dropout = 0.1
-        token_logprobs(model, t, slice(None), 1.0)
-        model.eval()
-        token_logprobs(model, t, slice(None), 1.0)
+        for dropout, training in ((0.0, True), (0.1, True), (0.1, False)):
+            model.config.attention_dropout = dropout
+            model.train(training)
+            counts.append({})
+            token_logprobs(model, t, slice(None), 1.0, counts=counts[-1])
     finally:
         handle.remove()
         model.config.attention_dropout = 0.0
     assert seen == [4, 8, 4]  # distinct rows once; every row under dropout; once again in eval mode
+    assert counts == [{"repeated": 4}, {}, {"repeated": 4}]  # what the update logs as update/repeated_rows

@@ -21,7 +21,7 @@ def test_grpo_on_the_default_prm_logs_diagnostics_to_metrics_and_wandb(tmp_path)
     wandb_log = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
     for key in ("reward/prm/mean", "gold/accuracy", "diag/reward_gold_corr", "diag/reward_length_corr",
                 "diag/exploit_best_of_k", "diag/exploit_random", "diag/explore_distinct_correct",
-                "diag/prm/step_agreement", "groups/zero_variance", "groups/repeated"):
+                "diag/prm/step_agreement", "groups/zero_variance", "groups/repeated", "update/repeated_rows"):
         assert key in row, key
         assert key.encode() in wandb_log, f"{key} not logged to W&B"  # history keys are stored as text
     assert 0.0 <= row["diag/prm/step_agreement"] <= 1.0

@@ -290,8 +290,8 @@ def _stochastic(model) -> bool:
 
 
 def token_logprobs(model, t: Tensors, rows: torch.Tensor | slice, temperature: float,
-                   with_entropy: bool = False, packed: bool = False, unique: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   with_entropy: bool = False, packed: bool = False, unique: bool = True,
+                   counts: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (n, C) of the completion tokens under `model`, and optionally per-token entropy. At a
     large vocabulary through TRL's fused head (`fused_head`, CUDA) or `HeadLogSoftmax` (`chunked_head`,
     elsewhere): no (n, C + 1, V) logits in either pass. Otherwise the model returns logits for the last C + 1
@@ -303,11 +303,14 @@ def token_logprobs(model, t: Tensors, rows: torch.Tensor | slice, temperature: f
     54% of the tokens of the rows that take the backward) go through the model once and their log-probs are
     copied to each (`distinct_rows`): the model's outputs for equal inputs are equal, and the backward of the
     copy sums the copies' gradients, so log-probs, entropy and gradients equal one pass per row to rounding,
-    while each row keeps its own old log-probs, advantages and weights in the loss. Not where dropout is active."""
+    while each row keeps its own old log-probs, advantages and weights in the loss. Not where dropout is active.
+    `counts["repeated"]`, where given, adds the number of rows that took a copy's log-probs."""
     if unique:
         distinct = distinct_rows(t, rows)
         if distinct is not None and not _stochastic(model):
             first, copies = distinct
+            if counts is not None:
+                counts["repeated"] = counts.get("repeated", 0) + len(copies) - len(first)
             logps, entropy = token_logprobs(model, t, first, temperature, with_entropy, packed, unique=False)
             return logps[copies], None if entropy is None else entropy[copies]
     C = t.completion_width

@@ -199,13 +199,15 @@ class PolicyGradient:
         live = self._live_rows(adv, mask, model)
         recorded = self._sampled_entropy(batch, t)
         sums = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
+        passes: dict[str, int] = {"rows": 0, "repeated": 0}  # rows through the backward passes; those run by a copy
         steps = 0
         size = cfg.minibatch_size if cfg.minibatch_size > 0 else n
         for _ in range(cfg.num_iterations):
             order = self._order(batch).to(device)
             for start in range(0, n, size):
                 rows = order[start : start + size]
-                stats = self._step(trained, t, rows, adv, old, ref, mask, live, measure_entropy=recorded is None)
+                stats = self._step(trained, t, rows, adv, old, ref, mask, live, measure_entropy=recorded is None,
+                                   passes=passes)
                 for k, v in stats.items():
                     sums[k] += v
                 steps += 1
@@ -222,7 +224,8 @@ class PolicyGradient:
         out.update({"lr": self.optimizer.param_groups[0]["lr"], "advantage/mean": float(token_adv.mean()),
                     "advantage/abs_mean": float(token_adv.abs().mean()), "update/steps": float(steps),
                     "update/tokens": float(lengths.sum()),
-                    "update/skipped_rows": 0.0 if live is None else float((~live).float().mean())})
+                    "update/skipped_rows": 0.0 if live is None else float((~live).float().mean()),
+                    "update/repeated_rows": passes["repeated"] / max(passes["rows"], 1)})
         if ref is None:
             out.pop("kl")
         return out
@@ -264,7 +267,8 @@ class PolicyGradient:
         return (adv != 0) if adv.dim() == 1 else ((adv != 0) & mask.bool()).any(-1)
 
     def _step(self, model, t: Tensors, rows: torch.Tensor, adv, old, ref, mask,
-              live: torch.Tensor | None = None, measure_entropy: bool = True) -> dict[str, float]:
+              live: torch.Tensor | None = None, measure_entropy: bool = True,
+              passes: dict[str, int] | None = None) -> dict[str, float]:
         cfg = self.cfg
         # under DDP the gradients are views into its all-reduce buckets: zeroed in place they stay there, and
         # micro-batches accumulate into them (one copy of the gradients); elsewhere they are freed
@@ -289,7 +293,10 @@ class PolicyGradient:
             m = mask[micro]
             with no_sync(model, last=index == padded - 1):  # DDP all-reduces on the last micro-batch only
                 logps, entropy = token_logprobs(model, t, micro, self.temperature, with_entropy=measure_entropy,
-                                                 packed=cfg.padding_free, unique=cfg.unique_rows)
+                                                 packed=cfg.padding_free, unique=cfg.unique_rows,
+                                                 counts=passes if weight else None)
+                if passes is not None and weight:
+                    passes["rows"] += len(micro)
                 old_logps = logps.detach() if old is None else old[micro]
                 token_loss, stats = clipped_loss(logps, old_logps, adv[micro], m, cfg.eps_low, cfg.eps_high,
                                                  self.kl_loss_coef, None if ref is None else ref[micro])
